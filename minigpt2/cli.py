@@ -1,0 +1,62 @@
+"""The command line: ``python -m minigpt2 <command> [options]``.
+
+Each command lives in its own module, which provides
+    add_arguments(parser)   -- its options (an ``argparse.ArgumentParser``)
+    run(args) -> int        -- does the work; returns the exit status
+and is registered in ``COMMANDS`` below with a one-line summary. Errors a user can fix
+(ValueError, FileNotFoundError, ...) are printed as one line and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line help). Add a command by adding a module and a line here.
+COMMANDS = {
+    "info": ("minigpt2.info", "parameter count, memory and FLOPs of a GPT-2 config"),
+}
+
+# Errors a user can act on. Set MINIGPT2_DEBUG=1 to get the full traceback instead.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError, RuntimeError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (and exit status 2) instead of two."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minigpt2", description="GPT-2 from scratch in NumPy/CuPy.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    for name, (module_name, summary) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=summary, description=summary)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        status = args._run(args)
+    except KeyboardInterrupt:
+        print(f"minigpt2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if os.environ.get("MINIGPT2_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"minigpt2 {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0 if status is None else int(status)

@@ -1,0 +1,153 @@
+"""GPTConfig: the handful of numbers that define a GPT-2, and the paper's four sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# The four models of the paper (Table 2). The paper names them 117M, 345M, 762M and 1542M; the
+# exact counts (every tensor once, wte shared with the LM head) are those of the released weights.
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),           # 124,439,808 parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),   # 354,823,168
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),    # 774,030,080
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),       # 1,557,611,200
+}
+
+LAYER_NORM_EPS = 1e-5  # GPT-2's LayerNorm epsilon; fixed, as in the released model
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT-2 model. Defaults are GPT-2 small ("gpt2", 124M).
+
+    n_layer: number of transformer blocks (L); n_head: attention heads (H); n_embd: channels (C),
+    with head size hs = C / H; block_size: the longest context (T max, 1024 in the paper);
+    vocab_size: V (50,257 for GPT-2's BPE); dropout: probability used in train mode
+    (0.0: GPT-2's released code has no dropout).
+    """
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                "each head gets n_embd / n_head channels"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """One of the paper's sizes: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl".
+
+        Keyword overrides (e.g. ``block_size=256``) replace single fields.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def num_params(self) -> int:
+        """Exact number of parameters, counted without allocating anything.
+
+        wte V*C + wpe T*C + per block (12*C^2 + 13*C) + ln_f 2*C. Per block: ln_1 and ln_2 have
+        2*C each; c_attn C*3C + 3C; attn.c_proj C*C + C; c_fc C*4C + 4C; mlp.c_proj 4C*C + C.
+        The LM head reuses wte (weight tying), so it adds nothing.
+        """
+        C, V, T, L = self.n_embd, self.vocab_size, self.block_size, self.n_layer
+        per_block = 12 * C * C + 13 * C
+        return V * C + T * C + L * per_block + 2 * C
+
+    # --- Hugging Face config.json ------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "GPTConfig":
+        """Build a config from a Hugging Face ``GPT2Config`` dict, refusing what GPT-2 here is not.
+
+        Only settings minigpt2 computes exactly are accepted; anything else raises ValueError
+        naming the field, so a model is never silently loaded with different math.
+        """
+        model_type = hf.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"{source}: model_type is {model_type!r}; minigpt2 loads only 'gpt2'")
+        missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
+        if missing:
+            raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
+        block_size = hf.get("n_positions", hf.get("n_ctx", 1024))
+
+        def refuse(field, value, expected):
+            raise ValueError(
+                f"{source}: {field} = {value!r} is not supported (minigpt2 implements GPT-2 "
+                f"exactly and needs {field} = {expected}); this checkpoint cannot be loaded"
+            )
+
+        eps = hf.get("layer_norm_epsilon", 1e-5)
+        if eps != LAYER_NORM_EPS:
+            refuse("layer_norm_epsilon", eps, LAYER_NORM_EPS)
+        act = hf.get("activation_function", "gelu_new")
+        if act != "gelu_new":
+            refuse("activation_function", act, "'gelu_new'")
+        n_inner = hf.get("n_inner")
+        if n_inner is not None and n_inner != 4 * hf["n_embd"]:
+            refuse("n_inner", n_inner, f"None or 4*n_embd = {4 * hf['n_embd']}")
+        for field, expected in (
+            ("tie_word_embeddings", True),
+            ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("add_cross_attention", False),
+        ):
+            if field in hf and hf[field] != expected:
+                refuse(field, hf[field], expected)
+        try:
+            return cls(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                       block_size=block_size, vocab_size=hf["vocab_size"])
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_hf_dict(self) -> dict:
+        """A ``config.json`` dict that transformers' ``GPT2LMHeadModel`` loads as this model."""
+        # GPT-2 uses <|endoftext|> (id 50256) as bos and eos; a small vocabulary has no such token,
+        # so the last id stands in, which keeps the ids valid for transformers' generate().
+        special = 50256 if self.vocab_size == 50257 else self.vocab_size - 1
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "n_positions": self.block_size,
+            "n_ctx": self.block_size,
+            "vocab_size": self.vocab_size,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": LAYER_NORM_EPS,
+            "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True,
+            "bos_token_id": special,
+            "eos_token_id": special,
+        }

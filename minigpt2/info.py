@@ -1,0 +1,131 @@
+"""``python -m minigpt2 info``: what a config costs, before anything is allocated.
+
+Parameters (exact), memory of weights, gradients, AdamW moments and the activations minigpt2's
+backward keeps (an estimate from the caches each layer stores), and FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .config import PRESETS, GPTConfig
+
+GiB = 1024 ** 3
+
+
+def parameter_breakdown(cfg: GPTConfig) -> dict:
+    """Exact parameter counts by part; they add up to ``cfg.num_params()``."""
+    C = cfg.n_embd
+    return {
+        "wte": cfg.vocab_size * C,
+        "wpe": cfg.block_size * C,
+        "per_block": 12 * C * C + 13 * C,
+        "blocks": cfg.n_layer * (12 * C * C + 13 * C),
+        "ln_f": 2 * C,
+    }
+
+
+def activation_floats(cfg: GPTConfig, batch_size: int, T: int) -> int:
+    """Number of floats minigpt2's forward keeps for the backward at batch B, length T.
+
+    Per block and token: the block input, ln_1 output, qkv (3C), merged heads, the residual after
+    attention, ln_2 output (C each, 8C in all), the MLP hidden before and after GELU (4C + 4C),
+    LayerNorm mean and rstd (4), and one row of attention probabilities per head (H*T).
+    Then ln_f's input and output (2C + 2), and the logits plus their softmax (2V).
+    Dropout, when on, adds its masks: H*T + 2C per block and C for the embedding.
+    """
+    C, H, V, L = cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
+    per_token = L * (16 * C + 4 + H * T) + 2 * C + 2 + 2 * V
+    if cfg.dropout > 0:
+        per_token += L * (H * T + 2 * C) + C
+    return batch_size * T * per_token
+
+
+def flops_per_token(cfg: GPTConfig, T: int) -> dict:
+    """Matrix-multiply FLOPs per token, forward and training step (forward + backward = 3x).
+
+    Forward: 2 FLOPs per weight of every matmul (c_attn, c_proj, c_fc, mlp c_proj: 12*C^2 per
+    block, and the LM head V*C), plus attention's q @ k^T and att @ v, 2 * 2 * T * C per layer
+    (minigpt2 computes the full T x T square and masks it).
+    """
+    C, L = cfg.n_embd, cfg.n_layer
+    matmul_weights = L * 12 * C * C + cfg.vocab_size * C
+    forward = 2 * matmul_weights + 4 * L * T * C
+    return {"forward": forward, "train": 3 * forward}
+
+
+def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32") -> dict:
+    """Bytes of a training step's main buffers (an estimate; temporaries of a single layer and
+    the framework's own overhead are not counted)."""
+    itemsize = np.dtype(dtype).itemsize
+    n = cfg.num_params()
+    kv_cache = 2 * cfg.n_layer * batch_size * cfg.block_size * cfg.n_embd * itemsize
+    mem = {
+        "weights": n * itemsize,
+        "gradients": n * itemsize,
+        "adamw_moments": 2 * n * itemsize,
+        "activations": activation_floats(cfg, batch_size, T) * itemsize,
+        "kv_cache_generation": kv_cache,
+    }
+    mem["training_step"] = (mem["weights"] + mem["gradients"] + mem["adamw_moments"]
+                            + mem["activations"])
+    return mem
+
+
+def add_arguments(p):
+    p.add_argument("preset", nargs="?", default="gpt2", choices=list(PRESETS),
+                   help="one of the paper's sizes (default gpt2); the flags below override it")
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--n-head", type=int)
+    p.add_argument("--n-embd", type=int)
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--block-size", type=int, help="context length of the model")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--batch-size", type=int, default=1, help="B for the memory estimate (default 1)")
+    p.add_argument("--seq-len", type=int, help="T for the estimates (default: block size)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def config_from_args(args) -> GPTConfig:
+    overrides = {k: getattr(args, k) for k in
+                 ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "dropout")
+                 if getattr(args, k) is not None}
+    return GPTConfig.preset(args.preset, **overrides)
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    T = args.seq_len if args.seq_len is not None else cfg.block_size
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 1 <= T <= cfg.block_size:
+        raise ValueError(f"--seq-len must be in [1, {cfg.block_size}] (the block size), got {T}")
+    parts = parameter_breakdown(cfg)
+    mem = estimate_memory(cfg, args.batch_size, T, args.dtype)
+    flops = flops_per_token(cfg, T)
+    if args.json:
+        print(json.dumps({"config": cfg.to_dict(), "num_params": cfg.num_params(),
+                          "parameters": parts, "batch_size": args.batch_size, "seq_len": T,
+                          "dtype": args.dtype, "memory_bytes": mem,
+                          "flops_per_token": flops}, indent=2))
+        return 0
+    name = args.preset if cfg == GPTConfig.preset(args.preset) else "custom config"
+    print(f"{name}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} channels "
+          f"(head size {cfg.head_size}), context {cfg.block_size}, vocabulary {cfg.vocab_size}")
+    print(f"parameters  {cfg.num_params():>15,}")
+    print(f"  wte       {parts['wte']:>15,}   token embedding, also the LM head (tied)")
+    print(f"  wpe       {parts['wpe']:>15,}   position embedding")
+    print(f"  blocks    {parts['blocks']:>15,}   {cfg.n_layer} x {parts['per_block']:,}")
+    print(f"  ln_f      {parts['ln_f']:>15,}")
+    print(f"memory ({args.dtype}, batch {args.batch_size} x {T} tokens, estimate)")
+    rows = [("weights", "weights"), ("gradients", "gradients"),
+            ("AdamW m and v", "adamw_moments"), ("activations", "activations"),
+            ("training step", "training_step"), ("KV cache (generate)", "kv_cache_generation")]
+    for label, key in rows:
+        print(f"  {label:<20}{mem[key] / GiB:>10.2f} GiB")
+    print(f"FLOPs per token at T = {T}: forward {flops['forward'] / 1e9:.3f} GFLOP, "
+          f"training step {flops['train'] / 1e9:.3f} GFLOP")
+    return 0

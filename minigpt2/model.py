@@ -1,0 +1,394 @@
+"""The GPT-2 model: parameters, the pre-LN block, forward, backward and generation.
+
+Shapes: B batch, T time, C channels, V vocabulary, H heads, hs = C / H, L layers.
+
+GPT-2 (§2.3 of the paper) is GPT-1's decoder with LayerNorm moved to the input of each sub-block
+("pre-LN"), one more LayerNorm after the last block, and residual weights scaled at init:
+
+    x = wte[idx] + wpe[t]
+    for each of the L blocks:
+        x = x + c_proj(attention(c_attn(ln_1(x))))
+        x = x + c_proj(gelu(c_fc(ln_2(x))))
+    logits = ln_f(x) @ wte^T                   (the LM head shares wte: "weight tying")
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import layers
+from .backend import array_module, get_xp, resolve_device, resolve_dtype
+from .config import LAYER_NORM_EPS, GPTConfig
+
+# the parameters of one block, in the order of the Hugging Face checkpoint, with their shapes
+BLOCK_PARAMS = (
+    ("ln_1.weight", lambda C: (C,)),
+    ("ln_1.bias", lambda C: (C,)),
+    ("attn.c_attn.weight", lambda C: (C, 3 * C)),
+    ("attn.c_attn.bias", lambda C: (3 * C,)),
+    ("attn.c_proj.weight", lambda C: (C, C)),
+    ("attn.c_proj.bias", lambda C: (C,)),
+    ("ln_2.weight", lambda C: (C,)),
+    ("ln_2.bias", lambda C: (C,)),
+    ("mlp.c_fc.weight", lambda C: (C, 4 * C)),
+    ("mlp.c_fc.bias", lambda C: (4 * C,)),
+    ("mlp.c_proj.weight", lambda C: (4 * C, C)),
+    ("mlp.c_proj.bias", lambda C: (C,)),
+)
+
+
+def param_shapes(cfg: GPTConfig) -> dict:
+    """Every parameter's name (GPT-2's, without "transformer.") and shape, in checkpoint order."""
+    C = cfg.n_embd
+    shapes = {"wte.weight": (cfg.vocab_size, C), "wpe.weight": (cfg.block_size, C)}
+    for i in range(cfg.n_layer):
+        for name, shape in BLOCK_PARAMS:
+            shapes[f"h.{i}.{name}"] = shape(C)
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    return shapes
+
+
+def init_params(cfg: GPTConfig, seed: int, dtype) -> dict:
+    """GPT-2's initialisation, drawn on the host so a seed gives the same weights on CPU and GPU.
+
+    Weights ~ N(0, 0.02); biases 0; LayerNorm weight 1, bias 0. The two projections that write
+    into the residual stream (attn.c_proj, mlp.c_proj) are scaled by 1/sqrt(N), N = 2 * n_layer
+    residual layers (§2.3), so the stream's variance does not grow with depth.
+    Values are drawn in float32 whatever the dtype, so float32 and float64 models of one seed
+    start from the same numbers.
+    """
+    rng = np.random.default_rng(seed)
+    residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            p = np.ones(shape, dtype=np.float32)
+        elif name.endswith(".bias"):
+            p = np.zeros(shape, dtype=np.float32)
+        else:
+            std = residual_std if name.endswith("c_proj.weight") else 0.02
+            p = rng.standard_normal(shape, dtype=np.float32)
+            p *= np.float32(std)
+        params[name] = p.astype(dtype, copy=False)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# the pre-LN transformer block
+
+
+def block_forward(x, p, n_head, dropout_p=0.0, rng=None):
+    """One GPT-2 block. x (B, T, C) -> (B, T, C). ``p`` maps the block's parameter names
+    ("ln_1.weight", "attn.c_attn.weight", ...) to arrays. Dropout as in GPT-2's training code
+    (after the attention softmax and after each residual projection) when dropout_p > 0."""
+    # x = x + attn(ln_1(x))
+    a, ln_1 = layers.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
+    qkv, c_attn = layers.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
+    y, attn = layers.attention_forward(qkv, n_head, dropout_p, rng)                          # (B, T, C)
+    y, attn_proj = layers.linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+    y, drop_1 = layers.dropout_forward(y, dropout_p, rng)
+    x = x + y
+    # x = x + mlp(ln_2(x))
+    m, ln_2 = layers.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
+    m, c_fc = layers.linear_forward(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])             # (B, T, 4C)
+    m, gelu = layers.gelu_forward(m)
+    m, mlp_proj = layers.linear_forward(m, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])     # (B, T, C)
+    m, drop_2 = layers.dropout_forward(m, dropout_p, rng)
+    x = x + m
+    return x, (ln_1, c_attn, attn, attn_proj, drop_1, ln_2, c_fc, gelu, mlp_proj, drop_2)
+
+
+def block_backward(dx, cache):
+    """Backward of ``block_forward``. dx (B, T, C) -> (dx (B, T, C), dict of parameter grads).
+
+    Each residual ``x = x + f(x)`` passes dx straight through and adds f's input gradient.
+    """
+    ln_1, c_attn, attn, attn_proj, drop_1, ln_2, c_fc, gelu, mlp_proj, drop_2 = cache
+    g = {}
+    # x = x + mlp(ln_2(x))
+    dm = layers.dropout_backward(dx, drop_2)
+    dm, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = layers.linear_backward(dm, mlp_proj)
+    dm = layers.gelu_backward(dm, gelu)
+    dm, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = layers.linear_backward(dm, c_fc)
+    dm, g["ln_2.weight"], g["ln_2.bias"] = layers.layernorm_backward(dm, ln_2)
+    dx = dx + dm
+    # x = x + attn(ln_1(x))
+    dy = layers.dropout_backward(dx, drop_1)
+    dy, g["attn.c_proj.weight"], g["attn.c_proj.bias"] = layers.linear_backward(dy, attn_proj)
+    dqkv = layers.attention_backward(dy, attn)
+    da, g["attn.c_attn.weight"], g["attn.c_attn.bias"] = layers.linear_backward(dqkv, c_attn)
+    da, g["ln_1.weight"], g["ln_1.bias"] = layers.layernorm_backward(da, ln_1)
+    return dx + da, g
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling rules (openai/gpt-2 src/sample.py)
+
+
+def top_k_logits(logits, k):
+    """Keep the k largest logits of each row (ties at the k-th value kept), others -> -1e10.
+
+    logits (B, V). k = 0 or None: unchanged."""
+    if not k:
+        return logits
+    xp = array_module(logits)
+    kth = xp.sort(logits, axis=-1)[:, -k][:, None]                        # (B, 1)
+    return xp.where(logits < kth, -1e10, logits)
+
+
+def top_p_logits(logits, p):
+    """Nucleus filtering as openai/gpt-2 does it: sort descending, keep the tokens whose
+    cumulative probability is <= p (at least the most likely one); the token that crosses p is
+    dropped (transformers keeps it). Ties at the threshold are kept. logits (B, V)."""
+    if p is None:
+        return logits
+    xp = array_module(logits)
+    sorted_desc = -xp.sort(-logits, axis=-1)
+    cumulative = xp.cumsum(layers.softmax(sorted_desc), axis=-1)
+    n_keep = xp.maximum((cumulative <= p).sum(axis=-1), 1)               # (B,)
+    threshold = xp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    return xp.where(logits < threshold, -1e10, logits)
+
+
+def sample_next(logits, temperature, top_k, top_p, rng):
+    """Pick the next token of each row. logits (B, V) -> ids (B,), on the logits' device.
+
+    temperature 0 is greedy (argmax). Otherwise logits / temperature, then top-k, then top-p,
+    then a draw from the softmax. The uniform numbers come from ``rng`` (a NumPy Generator on the
+    host), so a seed samples the same tokens on CPU and GPU up to rounding of the probabilities.
+    """
+    xp = array_module(logits)
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    logits = top_p_logits(top_k_logits(logits / temperature, top_k), top_p)
+    cdf = xp.cumsum(layers.softmax(logits.astype(np.float64)), axis=-1)   # (B, V)
+    u = xp.asarray(rng.random(logits.shape[0]))[:, None] * cdf[:, -1:]
+    ids = (cdf < u).sum(axis=-1)
+    return xp.minimum(ids, logits.shape[-1] - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class GPT:
+    """GPT-2 with hand-written forward and backward passes.
+
+    ``GPT(cfg, seed=0, device="cpu", dtype="float32")`` initialises as the paper (§2.3).
+    ``model.params`` maps GPT-2's parameter names to arrays (NumPy on "cpu", CuPy on "gpu").
+    ``logits, loss = model.forward(idx, targets)`` then ``grads = model.backward()``.
+    """
+
+    def __init__(self, cfg: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32",
+                 *, params: dict | None = None):
+        if not isinstance(cfg, GPTConfig):
+            raise TypeError(f"GPT needs a GPTConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        self.device = resolve_device(device)
+        self.xp = get_xp(self.device)
+        self.dtype = resolve_dtype(dtype)
+        host = params if params is not None else init_params(cfg, seed, self.dtype)
+        self.params = {name: self.xp.array(p, dtype=self.dtype) for name, p in host.items()}
+        self.training = True
+        self._dropout_rng = self._make_rng(seed)
+        self._cache = None
+
+    def _make_rng(self, seed):
+        if self.xp is np:
+            return np.random.default_rng(seed)
+        return self.xp.random.default_rng(seed)
+
+    def __repr__(self):
+        c = self.config
+        return (f"GPT(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
+                f"block_size={c.block_size}, vocab_size={c.vocab_size}, "
+                f"device={self.device!r}, dtype={self.dtype.name!r})")
+
+    # --- mode ---------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """Train mode: dropout (if cfg.dropout > 0) is active. A new model is in train mode."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Eval mode: no dropout; forward is deterministic."""
+        return self.train(False)
+
+    def num_params(self) -> int:
+        return sum(int(p.size) for p in self.params.values())
+
+    def _block(self, i):
+        prefix = f"h.{i}."
+        return {name: self.params[prefix + name] for name, _ in BLOCK_PARAMS}
+
+    # --- input checks ---------------------------------------------------------------------------
+
+    def _ids(self, a, name, allow_ignore=False, crop=False):
+        """Check token ids and put them on the model's device as int64 (B, T).
+
+        Host input (lists, NumPy) is checked on the host before upload; CuPy input by a cheap
+        reduction on the device. ``allow_ignore`` admits -1 (ignored targets); ``crop`` allows
+        T > block_size (generation crops the context itself)."""
+        V, T_max = self.config.vocab_size, self.config.block_size
+        on_device = self.xp is not np and array_module(a) is self.xp
+        if not on_device:
+            try:
+                a = np.asarray(a)
+            except ValueError as e:  # ragged nested lists
+                raise ValueError(f"{name} must be a rectangular 2-D array of token ids: {e}") from None
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integer token ids, got dtype {a.dtype}")
+        if a.ndim != 2:
+            hint = f" (for one sequence use {name}[None])" if a.ndim == 1 else ""
+            raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(a.shape)}{hint}")
+        if a.shape[0] < 1 or a.shape[1] < 1:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(a.shape)}")
+        if a.shape[1] > T_max and not crop:
+            raise ValueError(f"{name} has T = {a.shape[1]} positions but block_size is {T_max}; "
+                             f"use at most {T_max} tokens per sequence")
+        lo = -1 if allow_ignore else 0
+        if a.size and bool(((a < lo) | (a >= V)).any()):
+            bad = a[(a < lo) | (a >= V)][0]
+            allowed = f"[0, {V})" + (" or -1 (ignored)" if allow_ignore else "")
+            raise ValueError(f"{name} holds id {int(bad)} outside {allowed}")
+        return self.xp.asarray(a, dtype=np.int64)
+
+    # --- forward / backward ---------------------------------------------------------------------
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        targets (B, T): the id that follows each position; -1 positions are ignored. With targets
+        the caches are kept for ``backward()``; the loss is a 0-d array on the model's device.
+        """
+        cfg, P = self.config, self.params
+        idx = self._ids(idx, "idx")
+        if targets is not None:
+            targets = self._ids(targets, "targets", allow_ignore=True)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape "
+                                 f"{tuple(idx.shape)}")
+        p = cfg.dropout if self.training else 0.0
+        rng = self._dropout_rng if p > 0 else None
+        keep = targets is not None  # keep the activations only when a backward can follow
+        self._cache = None
+
+        x, emb = layers.embedding_forward(idx, P["wte.weight"], P["wpe.weight"])  # (B, T, C)
+        x, drop = layers.dropout_forward(x, p, rng)
+        blocks = []
+        for i in range(cfg.n_layer):
+            x, cache = block_forward(x, self._block(i), cfg.n_head, p, rng)
+            if keep:
+                blocks.append(cache)
+        h, ln_f = layers.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
+        logits = h @ P["wte.weight"].T                                            # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss, ce = layers.cross_entropy_forward(logits, targets)
+        self._cache = (emb, drop, blocks, ln_f, h, ce)
+        return logits, loss
+
+    def backward(self) -> dict:
+        """Gradients of the last forward's loss: a dict with the keys and shapes of ``params``.
+
+        The caches are released afterwards, so each forward allows one backward.
+        """
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward(idx, targets) just before it: there is "
+                               "no loss to differentiate (forward without targets keeps none)")
+        emb, drop, blocks, ln_f, h, ce = self._cache
+        self._cache = None
+        P, C = self.params, self.config.n_embd
+        grads = {}
+        dlogits = layers.cross_entropy_backward(1.0, ce)                          # (B, T, V)
+        # logits = h @ wte^T: the tied LM head's share of wte's gradient
+        dwte_head = dlogits.reshape(-1, dlogits.shape[-1]).T @ h.reshape(-1, C)   # (V, C)
+        dh = dlogits @ P["wte.weight"]                                            # (B, T, C)
+        del dlogits
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layernorm_backward(dh, ln_f)
+        for i in reversed(range(self.config.n_layer)):
+            dx, g = block_backward(dx, blocks[i])
+            blocks[i] = None  # free this block's activations as soon as they are used
+            for name, value in g.items():
+                grads[f"h.{i}.{name}"] = value
+        dx = layers.dropout_backward(dx, drop)
+        dwte_emb, grads["wpe.weight"] = layers.embedding_backward(dx, emb)
+        grads["wte.weight"] = dwte_head + dwte_emb  # wte is used twice: its gradients add
+        return {name: grads[name] for name in P}
+
+    # --- generation with a KV cache ---------------------------------------------------------------
+
+    def _forward_step(self, idx, kv, pos):
+        """Logits of the last position for ids idx (B, T_new) at positions pos.., using and
+        filling the KV cache ``kv`` (a list of (k, v) per layer). Inference only, no dropout."""
+        cfg, P = self.config, self.params
+        T_new = idx.shape[1]
+        x = P["wte.weight"][idx] + P["wpe.weight"][pos:pos + T_new]
+        for i, (k_cache, v_cache) in enumerate(kv):
+            p = self._block(i)
+            a, _ = layers.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
+            qkv = a @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]
+            y = layers.attention_step(qkv, cfg.n_head, k_cache, v_cache, pos)
+            x = x + (y @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"])
+            m, _ = layers.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
+            m, _ = layers.gelu_forward(m @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"])
+            x = x + (m @ p["mlp.c_proj.weight"] + p["mlp.c_proj.bias"])
+        h, _ = layers.layernorm_forward(x[:, -1], P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
+        return h @ P["wte.weight"].T                                              # (B, V)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """Append ``max_new_tokens`` sampled tokens to idx (B, T) and return the whole (B, T + n).
+
+        temperature 0 is greedy; top_k / top_p follow openai/gpt-2's sample.py (see
+        ``top_k_logits``, ``top_p_logits``). The context is cropped to the last block_size tokens.
+        Keys and values of past positions are cached, so each new token costs one position's
+        work; once the context outgrows block_size the cache is refilled from the cropped context.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                                  or top_k < 0):
+            raise ValueError(f"top_k must be None or an integer >= 0 (0 is off), got {top_k!r}")
+        if top_k is not None and top_k > self.config.vocab_size:
+            raise ValueError(f"top_k = {top_k} exceeds the vocabulary size {self.config.vocab_size}")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        out = self._ids(idx, "idx", crop=True)
+        xp, cfg = self.xp, self.config
+        rng = np.random.default_rng(seed)
+        B, T_max = out.shape[0], cfg.block_size
+        kv = [(xp.empty((B, cfg.n_head, T_max, cfg.head_size), dtype=self.dtype),
+               xp.empty((B, cfg.n_head, T_max, cfg.head_size), dtype=self.dtype))
+              for _ in range(cfg.n_layer)]
+        start = pos = 0   # the cache holds out[:, start:start+pos]
+        for _ in range(max_new_tokens):
+            n = out.shape[1]
+            if n - start > T_max:            # the context no longer fits: crop and refill
+                start, pos = n - T_max, 0
+            logits = self._forward_step(out[:, start + pos:], kv, pos)
+            pos = n - start
+            nxt = sample_next(logits, temperature, top_k, top_p, rng)
+            out = xp.concatenate([out, nxt[:, None].astype(out.dtype)], axis=1)
+        return out
+
+    # --- Hugging Face layout ------------------------------------------------------------------------
+
+    def save_pretrained(self, directory):
+        """Write config.json + model.safetensors in the layout of transformers' GPT2LMHeadModel."""
+        from .hf import save_pretrained
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str = "cpu", dtype="float32") -> "GPT":
+        """Load GPT-2 weights saved by transformers (``GPT2LMHeadModel``/``GPT2Model``) or by
+        ``save_pretrained``: config.json + model.safetensors, or the sharded form."""
+        from .hf import load_pretrained
+        cfg, params = load_pretrained(directory)
+        return cls(cfg, device=device, dtype=dtype, params=params)

@@ -1,0 +1,103 @@
+"""AdamW (decoupled weight decay) and global-norm gradient clipping, for dicts of arrays."""
+
+from __future__ import annotations
+
+import math
+
+from .backend import array_module
+
+
+class AdamW:
+    """AdamW as ``torch.optim.AdamW`` computes it (Loshchilov & Hutter, "Decoupled Weight Decay").
+
+    For each parameter p with gradient g, at step t (counting from 1):
+        p <- p * (1 - lr * weight_decay)                  (2-D weights only, as in nanoGPT)
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    Biases, LayerNorm parameters (1-D) are not decayed; matmul weights and embeddings (2-D) are.
+    ``params`` is updated in place; ``lr`` may be changed between steps (schedules).
+    """
+
+    def __init__(self, params: dict, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.params = params
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.t = 0
+        self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
+        self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
+
+    def step(self, grads: dict) -> None:
+        """One update of every parameter from ``grads`` (a dict with the keys of params)."""
+        if set(grads) != set(self.params):
+            missing = sorted(set(self.params) - set(grads))
+            extra = sorted(set(grads) - set(self.params))
+            raise ValueError(f"grads must have the keys of params; missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        self.t += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1.0 - beta1 ** self.t)
+        sqrt_bc2 = math.sqrt(1.0 - beta2 ** self.t)
+        for name, p in self.params.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            if g.shape != p.shape:
+                raise ValueError(f"grad {name} has shape {tuple(g.shape)}, param {tuple(p.shape)}")
+            if p.ndim >= 2 and self.weight_decay:
+                p *= 1.0 - self.lr * self.weight_decay
+            m *= beta1
+            m += (1.0 - beta1) * g
+            v *= beta2
+            v += (1.0 - beta2) * (g * g)
+            xp = array_module(p)
+            denom = xp.sqrt(v)
+            denom /= sqrt_bc2
+            denom += self.eps
+            p -= step_size * (m / denom)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: step count, hyperparameters, the moment arrays."""
+        return {"t": self.t, "lr": self.lr, "betas": self.betas, "eps": self.eps,
+                "weight_decay": self.weight_decay, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("m", "v"):
+            if set(state[key]) != set(self.params):
+                raise ValueError(f"optimizer state '{key}' does not match the model's parameters")
+            for name, p in self.params.items():
+                if tuple(state[key][name].shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {key}[{name}] has shape "
+                                     f"{tuple(state[key][name].shape)}, param {tuple(p.shape)}")
+        xp = array_module(next(iter(self.params.values())))
+        self.t = int(state["t"])
+        self.lr, self.eps, self.weight_decay = float(state["lr"]), float(state["eps"]), \
+            float(state["weight_decay"])
+        self.betas = tuple(float(b) for b in state["betas"])
+        self.m = {n: xp.array(state["m"][n], dtype=p.dtype) for n, p in self.params.items()}
+        self.v = {n: xp.array(state["v"][n], dtype=p.dtype) for n, p in self.params.items()}
+
+
+def clip_grad_norm(grads: dict, max_norm: float):
+    """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
+
+    Same rule as ``torch.nn.utils.clip_grad_norm_``: coef = min(1, max_norm / (norm + 1e-6)).
+    Returns the norm before clipping as a 0-d array (no device-to-host copy; ``float()`` it to log).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    values = list(grads.values())
+    xp = array_module(values[0])
+    total = xp.sqrt(sum((g * g).sum() for g in values))
+    coef = xp.minimum(max_norm / (total + 1e-6), 1.0)
+    for g in values:
+        g *= coef
+    return total
