@@ -193,7 +193,7 @@ class GPT:
         host = params if params is not None else init_params(cfg, seed, self.dtype)
         self.params = {name: self.xp.array(p, dtype=self.dtype) for name, p in host.items()}
         self.training = True
-        self._dropout_rng = self._make_rng(seed)
+        self.dropout_rng = self._make_rng(seed)
         self._cache = None
 
     def _make_rng(self, seed):
@@ -273,7 +273,7 @@ class GPT:
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape "
                                  f"{tuple(idx.shape)}")
         p = cfg.dropout if self.training else 0.0
-        rng = self._dropout_rng if p > 0 else None
+        rng = self.dropout_rng if p > 0 else None
         keep = targets is not None  # keep the activations only when a backward can follow
         self._cache = None
 
