@@ -272,6 +272,9 @@ class GPT:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape "
                                  f"{tuple(idx.shape)}")
+            if not bool((targets != -1).any()):
+                raise ValueError("every target is -1 (ignored): there is no position to compute "
+                                 "the loss on")
         p = cfg.dropout if self.training else 0.0
         rng = self.dropout_rng if p > 0 else None
         keep = targets is not None  # keep the activations only when a backward can follow

@@ -1,0 +1,87 @@
+"""`python -m minigpt2 info` and the command-line dispatcher."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minigpt2 import GPT, GPTConfig
+from minigpt2.info import activation_floats, estimate_memory, flops_per_token
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "minigpt2", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_info_gpt2_xl():
+    result = run_cli("info", "gpt2-xl")
+    assert result.returncode == 0, result.stderr
+    assert "1,557,611,200" in result.stdout
+    assert "48 layers, 25 heads, 1600 channels" in result.stdout
+
+
+def test_info_json_for_all_four_sizes():
+    counts = {}
+    for preset in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        result = run_cli("info", preset, "--json", "--batch-size", "2", "--seq-len", "256")
+        assert result.returncode == 0, result.stderr
+        info = json.loads(result.stdout)
+        counts[preset] = info["num_params"]
+        parts = info["parameters"]
+        assert parts["wte"] + parts["wpe"] + parts["blocks"] + parts["ln_f"] == info["num_params"]
+        assert info["memory_bytes"]["weights"] == 4 * info["num_params"]
+    assert counts == {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
+                      "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("args,message", [
+    (("info", "gpt3"), "invalid choice: 'gpt3'"),
+    (("info", "--n-head", "7"), "must be divisible by n_head"),
+    (("info", "--seq-len", "2048"), "--seq-len must be in"),
+    (("nonsense",), "invalid choice: 'nonsense'"),
+])
+def test_cli_errors_are_one_line_and_exit_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "info" in result.stdout
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_estimate_is_what_the_forward_keeps(dropout):
+    """The estimate equals the bytes the caches hold plus the logits the caller holds."""
+    cfg = GPTConfig(n_layer=3, n_head=4, n_embd=32, block_size=16, vocab_size=50, dropout=dropout)
+    model = GPT(cfg)
+    idx = np.random.default_rng(0).integers(0, 50, (2, 16))
+    logits, _ = model.forward(idx, idx)
+    owners = {}
+
+    def walk(obj):
+        if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
+            owner = obj if obj.base is None else obj.base
+            owners[id(owner)] = owner
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item)
+
+    walk(model._cache)
+    params = {id(p) for p in model.params.values()}
+    kept = sum(a.nbytes for key, a in owners.items() if key not in params)
+    assert kept + logits.nbytes == activation_floats(cfg, 2, 16) * 4
+
+
+def test_flops_and_memory_arithmetic():
+    cfg = GPTConfig.preset("gpt2")
+    f = flops_per_token(cfg, 1024)
+    assert f["forward"] == 2 * (12 * 12 * 768 ** 2 + 50257 * 768) + 4 * 12 * 1024 * 768
+    assert f["train"] == 3 * f["forward"]
+    mem = estimate_memory(cfg, 1, 1024)
+    assert mem["adamw_moments"] == 2 * mem["weights"] == 8 * cfg.num_params()
