@@ -227,12 +227,12 @@ class GPT:
 
     # --- input checks ---------------------------------------------------------------------------
 
-    def _ids(self, a, name, allow_ignore=False, crop=False):
+    def _ids(self, a, name, targets=False, crop=False):
         """Check token ids and put them on the model's device as int64 (B, T).
 
-        Host input (lists, NumPy) is checked on the host before upload; CuPy input by a cheap
-        reduction on the device. ``allow_ignore`` admits -1 (ignored targets); ``crop`` allows
-        T > block_size (generation crops the context itself)."""
+        Host input (lists, NumPy) is checked on the host before upload; CuPy input by cheap
+        reductions on the device. ``targets`` admits -1 (ignored) but not only -1s; ``crop``
+        allows T > block_size (generation crops the context itself)."""
         V, T_max = self.config.vocab_size, self.config.block_size
         on_device = self.xp is not np and array_module(a) is self.xp
         if not on_device:
@@ -250,11 +250,14 @@ class GPT:
         if a.shape[1] > T_max and not crop:
             raise ValueError(f"{name} has T = {a.shape[1]} positions but block_size is {T_max}; "
                              f"use at most {T_max} tokens per sequence")
-        lo = -1 if allow_ignore else 0
-        if a.size and bool(((a < lo) | (a >= V)).any()):
+        lo = -1 if targets else 0
+        if bool(((a < lo) | (a >= V)).any()):
             bad = a[(a < lo) | (a >= V)][0]
-            allowed = f"[0, {V})" + (" or -1 (ignored)" if allow_ignore else "")
+            allowed = f"[0, {V})" + (" or -1 (ignored)" if targets else "")
             raise ValueError(f"{name} holds id {int(bad)} outside {allowed}")
+        if targets and bool((a == -1).all()):
+            raise ValueError("every target is -1 (ignored): there is no position to compute "
+                             "the loss on")
         return self.xp.asarray(a, dtype=np.int64)
 
     # --- forward / backward ---------------------------------------------------------------------
@@ -268,13 +271,10 @@ class GPT:
         cfg, P = self.config, self.params
         idx = self._ids(idx, "idx")
         if targets is not None:
-            targets = self._ids(targets, "targets", allow_ignore=True)
+            targets = self._ids(targets, "targets", targets=True)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape "
                                  f"{tuple(idx.shape)}")
-            if not bool((targets != -1).any()):
-                raise ValueError("every target is -1 (ignored): there is no position to compute "
-                                 "the loss on")
         p = cfg.dropout if self.training else 0.0
         rng = self.dropout_rng if p > 0 else None
         keep = targets is not None  # keep the activations only when a backward can follow
