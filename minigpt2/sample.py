@@ -1,0 +1,87 @@
+"""``python -m minigpt2 sample DIR``: text from a trained model (or any Hugging Face GPT-2 folder).
+
+DIR is a ``train`` run folder (its ``best/`` model is used when present) or a folder holding
+config.json + model.safetensors; the tokenizer is the one saved beside the model (chars.json or
+vocab.json + merges.txt), else GPT-2's own vocabulary. Sampling follows openai/gpt-2's sample.py:
+temperature, then top-k, then top-p (see ``GPT.generate``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .checkpoint import BEST
+from .model import GPT
+
+SEPARATOR = "\n" + "-" * 40 + "\n"
+
+
+def default_prompt(tokenizer) -> str:
+    """Where a sample starts when no prompt is given: a newline (a new speech, for the plays)
+    for character models; GPT-2's document separator for BPE."""
+    if isinstance(tokenizer, data.CharTokenizer):
+        return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
+    return "<|endoftext|>"
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt, allowed_special="all")
+    if len(ids) == 0:
+        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
+    return list(ids)
+
+
+def resolve_model_dir(directory) -> tuple[Path, bool]:
+    """(the folder to load, whether it is DIR/best)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model folder {directory} not found")
+    best = directory / BEST
+    if (best / "model.safetensors").is_file() and (best / "config.json").is_file():
+        return best, True
+    return directory, False
+
+
+def add_arguments(p):
+    p.add_argument("dir", metavar="DIR", help="a train --out folder or a Hugging Face GPT-2 folder")
+    p.add_argument("--prompt", help="text to continue (default: a newline for character "
+                   "models, <|endoftext|> for BPE)")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to add (default 500)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 = greedy; higher = more random (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k likeliest (0 = off; "
+                   "default 200, capped at the vocabulary size)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, gpu or auto (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 or float64")
+
+
+def run(args) -> int:
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    folder, is_best = resolve_model_dir(args.dir)
+    tokenizer = data.load_tokenizer(folder)
+    model = GPT.from_pretrained(folder, device=args.device, dtype=args.dtype).eval()
+    if data.vocab_size_of(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {folder} has {data.vocab_size_of(tokenizer)} tokens "
+                         f"but the model only {model.config.vocab_size}: they do not belong "
+                         "together")
+    prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
+    ids = encode_prompt(tokenizer, prompt)
+    top_k = min(args.top_k, model.config.vocab_size) if args.top_k else None
+    idx = np.asarray([ids] * args.num_samples)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=top_k,
+                         top_p=args.top_p, seed=args.seed)
+    if is_best:
+        print(f"using {folder} (the best validation loss of the run)", file=sys.stderr)
+    texts = [tokenizer.decode([int(i) for i in row]) for row in out.tolist()]
+    print(SEPARATOR.join(texts))
+    return 0

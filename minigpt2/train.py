@@ -1,0 +1,571 @@
+"""``python -m minigpt2 train``: train a GPT on a corpus, with checkpoints that survive crashes.
+
+The loop is nanoGPT's, written with minigpt2's explicit forward/backward:
+
+    for each step:  lr from the schedule (linear warmup, cosine decay to min_lr)
+                    grad_accum micro-batches: forward, backward, sum the gradients (then / accum)
+                    clip the global gradient norm (1.0), AdamW step
+                    every eval_interval steps: train/val loss in eval mode, save DIR (and
+                    DIR/best when val improved)
+
+Random streams, all saved in the checkpoint so ``--resume`` continues bit for bit on the CPU:
+the data batches (``data_rng``) and dropout (``model.dropout_rng``). Evaluation batches come from
+a generator seeded by (seed, step), so evaluating never shifts the training streams.
+
+The defaults are the character-level Shakespeare run (nanoGPT's CPU recipe: 4 layers, 4 heads,
+128 channels, block 64, batch 12, lr 1e-3, warmup 100, cosine to 1e-4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, data
+from .backend import resolve_device, resolve_dtype
+from .config import PRESETS, GPTConfig
+from .model import GPT
+from .optim import AdamW, clip_grad_norm
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the ``train`` flags, with dashes as underscores)."""
+
+    # data
+    data: str | None = None             # a text file or a folder of .txt files
+    dataset: str | None = None          # "shakespeare" (default, embedded) | "tinyshakespeare"
+    tokenizer: str = "char"             # "char" | "gpt2" | "bpe" (trained on the corpus)
+    vocab_size: int | None = None       # for --tokenizer bpe
+    cache_dir: str | None = None        # downloads and token files (default ~/.cache/minigpt2)
+    # model
+    preset: str | None = None           # gpt2 | gpt2-medium | ...: sets n_layer, n_head, n_embd
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    init_from: str | None = None        # a Hugging Face GPT-2 folder to fine-tune
+    # optimisation
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int = 5000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None   # cosine ends here (default: max_iters)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99                 # nanoGPT's choice for small batches
+    grad_clip: float = 1.0              # 0 disables clipping
+    # evaluation, logging, running
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 1337
+    out: str = "out"
+    sample_tokens: int = 500            # printed at the end of the run (0: none)
+
+    def check(self) -> None:
+        """Refuse impossible settings with a message that says what to do."""
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
+                    "max_iters", "eval_interval", "eval_iters", "log_interval")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, "
+                                 f"got {value!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr {self.lr}, "
+                             f"min_lr {self.min_lr}")
+        if self.warmup_iters < 0:
+            raise ValueError(f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= self.warmup_iters:
+            raise ValueError("--lr-decay-iters must be larger than --warmup-iters")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("--grad-clip and --weight-decay must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("--beta1 and --beta2 must lie in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must lie in [0, 1), got {self.dropout}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.tokenizer not in data.TOKENIZERS:
+            raise ValueError(f"unknown --tokenizer {self.tokenizer!r}; choose one of "
+                             f"{', '.join(data.TOKENIZERS)}")
+        resolve_dtype(self.dtype)
+        if self.sample_tokens < 0:
+            raise ValueError("--sample-tokens must be >= 0")
+
+
+# settings a resumed run may change; the rest must stay as saved, or the run would not continue
+RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",
+                    "sample_tokens", "cache_dir", "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule, evaluation, one step
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup from lr/warmup to lr,
+    then cosine decay to min_lr at lr_decay_iters, then min_lr (as nanoGPT's get_lr)."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay_iters:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))          # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int) -> dict:
+    """Mean loss over eval_iters random batches of each split, in eval mode (no dropout).
+
+    The batches come from a generator seeded by (seed, step): the same at a given step whether
+    the run was resumed or not, and no other random stream moves."""
+    rng = np.random.default_rng([cfg.seed, 2, step])
+    model.eval()
+    out = {}
+    for split, ids in splits.items():
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = data.get_batch(ids, cfg.batch_size, cfg.block_size, rng)
+            losses.append(float(model.forward(x, y)[1]))
+        out[split] = float(np.mean(losses))
+    model.train()
+    return out
+
+
+def _global_norm(grads: dict) -> float:
+    return math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+
+
+def train_step(model, opt, next_batch, cfg: TrainConfig, step: int) -> tuple[float, float]:
+    """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm).
+
+    d(mean of the micro losses)/dθ = mean of their gradients, so the sums are scaled by
+    1/grad_accum. A non-finite loss or gradient raises before any parameter changes."""
+    total, losses = None, []
+    for _ in range(cfg.grad_accum):
+        x, y = next_batch()
+        _, loss = model.forward(x, y)
+        losses.append(float(loss))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"loss became {losses[-1]} at step {step + 1}")
+        grads = model.backward()
+        if total is None:
+            total = grads
+        else:
+            for name, g in grads.items():
+                total[name] += g
+    if cfg.grad_accum > 1:
+        for g in total.values():
+            g *= 1.0 / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        norm = float(clip_grad_norm(total, cfg.grad_clip))
+    else:
+        norm = _global_norm(total)
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"the gradient norm became {norm} at step {step + 1}")
+    opt.lr = lr_at(step, cfg)
+    opt.step(total)
+    return float(np.mean(losses)), norm
+
+
+# ----------------------------------------------------------------------------------------------
+# setting a run up
+
+
+def _model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    dims = PRESETS[cfg.preset] if cfg.preset else dict(n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                                       n_embd=cfg.n_embd)
+    return GPTConfig(**dims, block_size=cfg.block_size, vocab_size=vocab_size,
+                     dropout=cfg.dropout)
+
+
+def _load_weights(directory, cfg: TrainConfig, vocab_size: int, what: str):
+    """(GPTConfig with this run's dropout, host params) of a model folder, checked against the
+    data's vocabulary and this run's block size (a shorter one crops wpe, as nanoGPT does)."""
+    from .hf import load_pretrained
+    mcfg, params = load_pretrained(directory)
+    if mcfg.vocab_size != vocab_size:
+        raise ValueError(f"{what} {directory} has a vocabulary of {mcfg.vocab_size} tokens but "
+                         f"the data is tokenized into {vocab_size}: use the same tokenizer")
+    if cfg.block_size > mcfg.block_size:
+        raise ValueError(f"--block-size {cfg.block_size} is above the context of {what} "
+                         f"{directory} ({mcfg.block_size}); use --block-size {mcfg.block_size} "
+                         "or less")
+    params["wpe.weight"] = params["wpe.weight"][:cfg.block_size]
+    mcfg = dataclasses.replace(mcfg, block_size=cfg.block_size, dropout=cfg.dropout)
+    return mcfg, params
+
+
+def _prepare_data(cfg: TrainConfig, tokenizer):
+    """Token files of the chosen corpus -> (tokenizer, train ids, val ids, meta)."""
+    name, text = data.load_source(cfg.data, cfg.dataset, cfg.cache_dir)
+    folder = data.prepare(text, name, cfg.tokenizer, cfg.cache_dir, cfg.vocab_size,
+                          tokenizer=tokenizer)
+    meta, train_ids, val_ids = data.load_prepared(folder)
+    if tokenizer is None:
+        tokenizer = data.load_tokenizer(folder, default_gpt2=False)
+    data.check_length(train_ids, val_ids, cfg.block_size)
+    return tokenizer, train_ids, val_ids, meta
+
+
+def _read_metrics(path: Path, upto: int) -> list[str]:
+    """The lines of metrics.jsonl up to step ``upto``: a resumed run rewrites what came after
+    its checkpoint, so the file never holds two lines for one step."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= upto:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return kept
+
+
+class _StopFlag:
+    """SIGINT (Ctrl-C) sets a flag that the loop reads between steps, so a step is never cut in
+    half; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps (what a checkpoint saves, and the data)."""
+
+    cfg: TrainConfig
+    out: Path
+    model: GPT
+    opt: AdamW
+    tokenizer: object
+    splits: dict                # "train"/"val" -> token ids (N,)
+    meta: dict                  # the token files' meta.json
+    data_rng: np.random.Generator
+    step: int = 0               # optimizer steps done
+    best_val: float = math.inf
+    elapsed: float = 0.0        # seconds of earlier sessions of this run
+
+    def save(self, seconds: float) -> None:
+        """The run folder's checkpoint after ``self.step`` steps (``seconds`` this session)."""
+        checkpoint.save_checkpoint(self.out, self.model, self.opt, self.tokenizer, {
+            "step": self.step,
+            "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+            "elapsed_s": self.elapsed + seconds,
+            "config": dataclasses.asdict(self.cfg), "data": self.meta,
+            "rng": {"data": checkpoint.rng_state(self.data_rng),
+                    "dropout": checkpoint.rng_state(self.model.dropout_rng)}})
+
+    def next_batch(self):
+        c = self.cfg
+        return data.get_batch(self.splits["train"], c.batch_size, c.block_size, self.data_rng)
+
+
+def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Run:
+    """Check the settings, prepare the data, build (or load) model and optimizer.
+
+    Nothing is written to the run folder here, so a refused run leaves it as it was."""
+    cfg.check()
+    # absolute paths, so a resumed run finds its data from any working folder
+    cfg = dataclasses.replace(cfg, **{k: str(Path(v).resolve()) for k in ("data", "init_from")
+                                      if (v := getattr(cfg, k)) is not None})
+    out = Path(cfg.out)
+    continuing_here = resume is not None and out.resolve() == Path(resume).resolve()
+    if checkpoint.has_checkpoint(out) and not continuing_here and not overwrite:
+        raise FileExistsError(f"{out} already holds a training checkpoint; continue it with "
+                              f"--resume {out}, or choose another --out (or --overwrite)")
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+
+    # the tokenizer of the checkpoint or of the model to fine-tune; else a new one
+    state = checkpoint.load_state(resume) if resume is not None else None
+    if resume is not None:
+        tokenizer = data.load_tokenizer(resume, default_gpt2=False)
+    else:
+        tokenizer = data.load_tokenizer(cfg.init_from) if cfg.init_from else None
+    tokenizer, train_ids, val_ids, meta = _prepare_data(cfg, tokenizer)
+
+    weights = resume if resume is not None else cfg.init_from
+    if weights is not None:
+        what = "the checkpoint" if resume is not None else "--init-from"
+        mcfg, params = _load_weights(weights, cfg, meta["vocab_size"], what)
+        model = GPT(mcfg, seed=cfg.seed, device=device, dtype=dtype, params=params)
+    else:
+        model = GPT(_model_config(cfg, meta["vocab_size"]), seed=cfg.seed, device=device,
+                    dtype=dtype)
+    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay)
+    run = Run(cfg, out, model, opt, tokenizer, {"train": train_ids, "val": val_ids}, meta,
+              data_rng=np.random.default_rng([cfg.seed, 1]))
+    if state is not None:  # continue exactly: moments, step, and both random streams
+        checkpoint.load_optimizer_state(resume, opt)
+        checkpoint.set_rng_state(run.data_rng, state["rng"]["data"])
+        checkpoint.set_rng_state(model.dropout_rng, state["rng"]["dropout"])
+        run.step, run.elapsed = state["step"], state.get("elapsed_s", 0.0)
+        if state["best_val_loss"] is not None:
+            run.best_val = state["best_val_loss"]
+    return run
+
+
+def _start_log(run: Run, resumed_from: str | None) -> Path:
+    """metrics.jsonl for this session: empty for a new run; for a resumed one, the log of the
+    folder it resumes from, up to its checkpoint's step."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    if resumed_from is None and checkpoint.has_checkpoint(run.out):   # --overwrite
+        shutil.rmtree(run.out / checkpoint.BEST, ignore_errors=True)  # no stale best/
+    kept = [] if resumed_from is None else _read_metrics(Path(resumed_from) / METRICS, run.step)
+    path = run.out / METRICS
+    data.write_atomic(path, "".join(line + "\n" for line in kept).encode())
+    return path
+
+
+def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
+          progress: bool = True, log=print) -> dict:
+    """Train as ``cfg`` says, saving to cfg.out. With ``resume`` (a run folder) the saved
+    settings, weights, optimizer and random states continue where they stopped.
+
+    Returns {"status": 0 | 130, "step", "val_loss", "best_val_loss", "out"}; 130 means the run
+    was interrupted (Ctrl-C) and saved.
+    """
+    run = setup(cfg, resume, overwrite)
+    cfg, model, out = run.cfg, run.model, run.out
+    metrics_path = _start_log(run, resume)
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    log(f"training {model!r}: {model.num_params():,} parameters, "
+        f"{run.meta['train_tokens']:,} train / {run.meta['val_tokens']:,} val tokens "
+        f"({run.meta['tokenizer']}, vocabulary {run.meta['vocab_size']}), {tokens_per_step:,} "
+        "tokens per step" + (f"; resuming at step {run.step}" if run.step else ""))
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not progress, dynamic_ncols=True,
+               unit="step", file=sys.stderr)
+    t_start = time.perf_counter()
+    last_val, status = None, 0
+
+    def evaluate():
+        losses = estimate_loss(model, run.splits, cfg, run.step)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(f"the evaluation loss became {losses} at step {run.step}")
+        bar.write(f"step {run.step}: train loss {losses['train']:.4f}, "
+                  f"val loss {losses['val']:.4f}")
+        return losses
+
+    with open(metrics_path, "a") as metrics, _StopFlag() as stop:
+        def record(entry):
+            metrics.write(json.dumps(entry) + "\n")
+            metrics.flush()
+
+        try:
+            if run.step == 0:  # the starting point of the curves: about ln(V)
+                losses = evaluate()
+                record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
+            t_window, steps_window = time.perf_counter(), 0
+            while run.step < cfg.max_iters:
+                loss, norm = train_step(model, run.opt, run.next_batch, cfg, run.step)
+                run.step += 1
+                steps_window += 1
+                bar.update(1)
+                is_eval = run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters
+                if run.step % cfg.log_interval == 0 or is_eval or run.step == 1:
+                    now = time.perf_counter()
+                    tps = steps_window * tokens_per_step / max(now - t_window, 1e-9)
+                    entry = {"step": run.step, "loss": loss, "lr": run.opt.lr,
+                             "grad_norm": norm, "tokens_per_s": round(tps, 1),
+                             "elapsed_s": round(run.elapsed + now - t_start, 3)}
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.opt.lr:.2e}",
+                                    tok_s=f"{tps:,.0f}")
+                    if is_eval:
+                        losses = evaluate()
+                        entry.update(train_loss=losses["train"], val_loss=losses["val"])
+                        last_val = losses["val"]
+                        if last_val < run.best_val:
+                            run.best_val = last_val
+                            checkpoint.save_best(out, model, run.tokenizer)
+                        run.save(time.perf_counter() - t_start)
+                    record(entry)
+                    t_window, steps_window = time.perf_counter(), 0  # evaluating is not training
+                if stop.set:
+                    if not is_eval:
+                        run.save(time.perf_counter() - t_start)
+                    bar.close()
+                    log(f"interrupted at step {run.step}: checkpoint saved to {out}; continue "
+                        f"with  python -m minigpt2 train --resume {out}")
+                    status = 130
+                    break
+        except FloatingPointError as e:
+            bar.close()
+            saved = checkpoint.load_state(out)["step"] if checkpoint.has_checkpoint(out) \
+                else None
+            where = (f"the last good checkpoint in {out} (step {saved}) is untouched"
+                     if saved is not None else "no checkpoint was written")
+            raise RuntimeError(f"{e}: training stopped; {where}. Lower --lr, keep --grad-clip "
+                               "on, or check the data") from None
+    bar.close()
+    best = None if math.isinf(run.best_val) else run.best_val
+    result = {"status": status, "step": run.step, "val_loss": last_val, "best_val_loss": best,
+              "out": str(out)}
+    if status == 0:
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.4f}"
+        log(f"done: {run.step} steps in {run.elapsed + time.perf_counter() - t_start:.0f} s, "
+            f"val loss {fmt(last_val)} (best {fmt(best)}); model in {out}, best in {out}/best")
+        if cfg.sample_tokens:
+            log("sample:\n" + sample_text(model, run.tokenizer, cfg.sample_tokens,
+                                          seed=cfg.seed))
+    return result
+
+
+def sample_text(model, tokenizer, n_tokens, prompt=None, temperature=0.8, top_k=200,
+                top_p=None, seed=None) -> str:
+    """``n_tokens`` generated after ``prompt`` (default: a newline for character models,
+    <|endoftext|> for BPE), decoded to text, prompt included."""
+    from .sample import default_prompt, encode_prompt
+    prompt = default_prompt(tokenizer) if prompt is None else prompt
+    ids = encode_prompt(tokenizer, prompt)
+    model.eval()
+    top_k = min(top_k, model.config.vocab_size) if top_k else top_k
+    out = model.generate(np.asarray([ids]), n_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=seed)
+    return tokenizer.decode([int(i) for i in out[0].tolist()])
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _load_config_file(path) -> dict:
+    """A JSON or TOML file of TrainConfig fields (dashes or underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            raw = tomllib.loads(path.read_text())
+        else:
+            raw = json.loads(path.read_text())
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear line
+        raise ValueError(f"--config {path}: cannot parse it ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {path} must hold a table/object of settings")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    return settings
+
+
+def add_arguments(p):
+    d = TrainConfig()
+    S = dict(default=None)
+
+    def opt(flag, type_=None, help_="", metavar=None):
+        name = flag.lstrip("-").replace("-", "_")
+        default = getattr(d, name, None)
+        shown = f" (default {default})" if default is not None else ""
+        metavar = metavar or {int: "N", float: "X"}.get(type_, "NAME")
+        p.add_argument(flag, type=type_, help=help_ + shown, metavar=metavar, **S)
+
+    p.add_argument("--config", metavar="FILE",
+                   help="a JSON or TOML file of settings; flags override it")
+    opt("--data", str, "a UTF-8 text file or a folder of .txt files", metavar="PATH")
+    opt("--dataset", str, "shakespeare (embedded, the default) or tinyshakespeare (download)")
+    opt("--tokenizer", str, "char, gpt2 (GPT-2's vocabulary) or bpe (trained on the corpus)")
+    opt("--vocab-size", int, "vocabulary size of a trained BPE tokenizer")
+    opt("--cache-dir", str, "downloads and token files (default $MINIGPT2_CACHE or "
+        "~/.cache/minigpt2)", metavar="DIR")
+    opt("--preset", str, "gpt2, gpt2-medium, gpt2-large or gpt2-xl: layers, heads, channels")
+    opt("--n-layer", int)
+    opt("--n-head", int)
+    opt("--n-embd", int)
+    opt("--block-size", int, "context length T")
+    opt("--dropout", float, "embedding, attention and residual dropout")
+    opt("--init-from", str, "a Hugging Face GPT-2 folder to fine-tune", metavar="DIR")
+    opt("--batch-size", int, "sequences per micro-batch B")
+    opt("--grad-accum", int, "micro-batches per optimizer step")
+    opt("--max-iters", int, "optimizer steps")
+    opt("--lr", float, "peak learning rate")
+    opt("--min-lr", float, "learning rate at the end of the cosine")
+    opt("--warmup-iters", int, "steps of linear warmup")
+    opt("--lr-decay-iters", int, "step where the cosine reaches min-lr (default max-iters)")
+    opt("--weight-decay", float)
+    opt("--beta1", float)
+    opt("--beta2", float)
+    opt("--grad-clip", float, "global gradient-norm clip, 0 = off")
+    opt("--eval-interval", int, "steps between train/val evaluations and checkpoints")
+    opt("--eval-iters", int, "batches per evaluation")
+    opt("--log-interval", int, "steps between metrics.jsonl lines")
+    opt("--device", str, "cpu, gpu or auto")
+    opt("--dtype", str, "float32 or float64")
+    opt("--seed", int)
+    opt("--out", str, "run folder: checkpoint, best/, metrics.jsonl", metavar="DIR")
+    opt("--sample-tokens", int, "characters/tokens sampled at the end")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out folder that already holds a run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args) -> tuple[TrainConfig, str | None]:
+    """Defaults < --config file < flags; with --resume: the saved settings < the flags that a
+    resumed run may change (any other flag is refused)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.resume is not None:
+        state = checkpoint.load_state(args.resume)
+        saved = state["config"]
+        bad = [k for k, v in given.items() if k not in RESUME_OVERRIDES and v != saved.get(k)]
+        if bad:
+            raise ValueError(f"--resume continues the saved run, so --{bad[0].replace('_', '-')} "
+                             f"cannot change; only {', '.join(RESUME_OVERRIDES)} may")
+        given.setdefault("out", args.resume)
+        return TrainConfig(**{**saved, **given}), args.resume
+    settings = _load_config_file(args.config) if args.config else {}
+    return TrainConfig(**{**settings, **given}), None
+
+
+def run(args) -> int:
+    cfg, resume = config_from_args(args)
+    result = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return result["status"]
