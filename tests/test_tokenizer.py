@@ -1,0 +1,243 @@
+"""GPT-2 encoding and decoding: token-for-token equality with tiktoken, special tokens, errors.
+
+The reference is tiktoken's own BPE built from the same two local files (encoder.json, vocab.bpe)
+with tiktoken's own GPT-2 pattern, so nothing of minigpt2 is shared with the reference.
+"""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minigpt2.tokenizer import (ENDOFTEXT, Tokenizer, bytes_to_unicode, gpt2_byte_order,
+                                gpt2_files, safe_split)
+
+tiktoken = pytest.importorskip("tiktoken")
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
+from tiktoken_ext.openai_public import r50k_pat_str  # noqa: E402  (GPT-2's pattern, tiktoken's copy)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def ref(monkeypatch_module):
+    encoder, bpe = gpt2_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(str(bpe), str(encoder))
+    return tiktoken.Encoding("gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TIKTOKEN_CACHE_DIR", "")       # tiktoken must read the files, not a cached copy
+    yield mp
+    mp.undo()
+
+
+def stdlib_sample(max_bytes=400_000) -> str:
+    """Python standard library sources, files in sorted order until about max_bytes."""
+    parts, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        size += len(text)
+        if size >= max_bytes:
+            break
+    return "".join(parts)
+
+
+def shakespeare() -> str:
+    from minigpt2.data import shakespeare_text
+    return shakespeare_text()
+
+
+# --- the byte alphabet -------------------------------------------------------------------------
+
+
+def test_byte_alphabet_is_gpt2s():
+    m = bytes_to_unicode()
+    assert len(m) == 256 and len(set(m.values())) == 256
+    assert m[ord(" ")] == "Ġ" and m[ord("\n")] == "Ċ" and m[ord("A")] == "A"
+    assert sum(1 for b, c in m.items() if chr(b) == c) == 188
+    order = gpt2_byte_order()
+    assert order[0] == ord("!") and sorted(order) == list(range(256))
+    encoder = json.loads(gpt2_files()[0].read_text(encoding="utf-8"))
+    assert [encoder[m[b]] for b in order] == list(range(256))
+
+
+def test_gpt2_vocabulary_shape(tok):
+    assert tok.vocab_size == 50257 and len(tok.merges) == 50000
+    assert tok.special_tokens == {ENDOFTEXT: 50256}
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+# --- equality with tiktoken ----------------------------------------------------------------------
+
+
+def test_hard_cases_match_tiktoken(tok, ref):
+    text = (FIXTURES / "hard_cases.txt").read_bytes().decode("utf-8")   # keeps \r\n
+    assert "\r\n" in text and "<|endoftext|>" in text
+    for line in text.splitlines(keepends=True) + [text]:
+        assert tok.encode(line, allowed_special="all") == \
+            ref.encode(line, allowed_special="all"), line
+        assert tok.encode(line, disallowed_special=()) == ref.encode(line, disallowed_special=())
+        assert tok.encode_ordinary(line) == ref.encode_ordinary(line)
+    assert tok.decode(tok.encode(text, allowed_special="all")) == text
+
+
+def test_embedded_training_corpus_matches_tiktoken(tok, ref):
+    text = shakespeare()
+    assert len(text) > 4_000_000
+    ids = tok.encode(text)
+    assert ids == ref.encode_ordinary(text)
+    assert tok.encode(text) == ids            # second pass: from the chunk cache
+
+
+def test_python_sources_match_tiktoken(tok, ref):
+    text = stdlib_sample()
+    assert len(text) > 300_000
+    assert tok.encode(text, disallowed_special=()) == ref.encode(text, disallowed_special=())
+
+
+def test_long_chunks_match_tiktoken(tok, ref):
+    # one chunk each: 100 kB of digits, of spaces, of letters, of punctuation
+    for text in ("7" * 100_000, " " * 100_000, "ab" * 50_000, "!?" * 50_000, "\n" * 20_000):
+        tok._cache.clear()
+        assert tok.encode(text) == ref.encode_ordinary(text)
+
+
+pieces = st.sampled_from([" ", "  ", "\n", "\r\n", "\t", "\u00a0", "'s", "'S", "'ll", "'",
+                          "a", "Z", "é", "e\u0301", "中", "한", "ا", "१", "7", "42", "½",
+                          "👍", "👨\u200d👩", "🇫🇷", "!", "...", "<|endoftext|>", "_", "\u200b"])
+texts = st.one_of(st.text(max_size=60),
+                  st.lists(pieces | st.text(max_size=3), max_size=25).map("".join))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts)
+def test_property_ids_equal_tiktoken(tok, ref, text):
+    ids = tok.encode(text, disallowed_special=())
+    assert ids == ref.encode(text, disallowed_special=())
+    assert tok.decode(ids) == text
+    assert tok.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all")
+
+
+# --- special tokens and odd input ----------------------------------------------------------------
+
+
+def test_special_token_semantics_follow_tiktoken(tok, ref):
+    text = "a<|endoftext|>b"
+    with pytest.raises(ValueError, match="special token '<\\|endoftext\\|>'"):
+        tok.encode(text)
+    with pytest.raises(ValueError):
+        ref.encode(text)                      # the reference agrees that this is an error
+    assert tok.encode(text, allowed_special="all") == [64, 50256, 65]
+    assert tok.encode(text, allowed_special={ENDOFTEXT}) == [64, 50256, 65]
+    plain = tok.encode(text, disallowed_special=())
+    assert 50256 not in plain and plain == ref.encode(text, disallowed_special=())
+    assert tok.decode(plain) == text
+    with pytest.raises(ValueError, match="not a special token"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_lone_surrogates_as_tiktoken(tok, ref):
+    for text in ("a\ud800b", "\udfff", "x \ud83d\ude00 y", "\ud83d"):
+        assert tok.encode(text) == ref.encode(text)
+    assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"
+
+
+def test_decode_bytes_and_replacement(tok):
+    ids = tok.encode("naïve 👍")
+    assert tok.decode_bytes(ids) == "naïve 👍".encode("utf-8")
+    thumbs = tok.encode("👍")
+    assert len(thumbs) > 1                    # the emoji's 4 bytes span several tokens
+    assert tok.decode(thumbs[:1]) == "\ufffd"  # a cut-off character decodes to U+FFFD
+    assert tok.decode([50256]) == ENDOFTEXT
+
+
+@pytest.mark.parametrize("bad", [[50257], [-1], [0, 1, 10**9]])
+def test_decode_rejects_ids_out_of_range(tok, bad):
+    with pytest.raises(ValueError, match="not in this vocabulary"):
+        tok.decode(bad)
+
+
+def test_safe_split_points_keep_ids(tok):
+    text = shakespeare()[:200_000] + "\r\nx  \n\ny\n <|endoftext|>\n\tz"
+    whole = tok.encode(text, allowed_special="all")
+    cuts, rest = 0, text
+    pieces_ids = []
+    while rest:
+        p = safe_split(rest[:5000])
+        p = p if p > 0 else len(rest)
+        pieces_ids += tok.encode(rest[:p], allowed_special="all")
+        rest = rest[p:]
+        cuts += 1
+    assert cuts > 10 and pieces_ids == whole
+
+
+# --- the vocabulary files ------------------------------------------------------------------------
+
+
+def _copy_gpt2(tmp_path) -> Path:
+    encoder, bpe = gpt2_files()
+    shutil.copy(encoder, tmp_path / "encoder.json")
+    shutil.copy(bpe, tmp_path / "vocab.bpe")
+    return tmp_path
+
+
+def test_load_gpt2_files_from_a_folder(tmp_path, tok):
+    loaded = Tokenizer.load(_copy_gpt2(tmp_path))
+    assert loaded.merges == tok.merges and loaded.special_tokens == tok.special_tokens
+    assert loaded.encode("Hello world") == [15496, 995]
+
+
+def test_missing_vocabulary_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Tokenizer.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="neither vocab.json"):
+        Tokenizer.load(tmp_path)
+
+
+def test_corrupted_vocabulary_files_are_clear_errors(tmp_path):
+    folder = _copy_gpt2(tmp_path)
+    (folder / "encoder.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a JSON vocabulary"):
+        Tokenizer.load(folder)
+    folder = _copy_gpt2(tmp_path)
+    with open(folder / "vocab.bpe", "a", encoding="utf-8") as f:
+        f.write("Ġzz qq\n")
+    with pytest.raises(ValueError, match="not in encoder.json"):
+        Tokenizer.load(folder)
+    (folder / "vocab.bpe").write_text("#version: 0.2\na b c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2: expected two tokens"):
+        Tokenizer.load(folder)
+
+
+def test_damaged_gpt2_file_fails_the_sha256_check(tmp_path):
+    from minigpt2.tokenizer import GPT2_FILES_SHA256, check_sha256
+    folder = _copy_gpt2(tmp_path)
+    check_sha256(folder / "vocab.bpe", GPT2_FILES_SHA256["vocab.bpe"])   # the intact copy passes
+    with open(folder / "vocab.bpe", "a", encoding="utf-8") as f:
+        f.write("\n")
+    with pytest.raises(ValueError, match="damaged or not GPT-2's file"):
+        check_sha256(folder / "vocab.bpe", GPT2_FILES_SHA256["vocab.bpe"])
+
+
+def test_every_gpt2_token_is_its_own_encoding(tok):
+    # The merge loop on a token's bytes gives back the token, for all 50,000 merged tokens:
+    # encoding a chunk that is a whole token as that token (a shortcut) changes no result.
+    bad = [i for i, b in tok.vocab.items() if len(b) > 1 and tok._bpe(b) != [i]]
+    assert bad == []
