@@ -86,6 +86,23 @@ def to_numpy(a) -> np.ndarray:
     return np.asarray(a)
 
 
+# CPU fast paths walk their arrays in blocks of about this many bytes, so that a block and its
+# temporaries stay in the L2 cache across the several element-wise passes each one makes,
+# instead of streaming the whole array from memory once per pass.
+BLOCK_BYTES = 1 << 19
+
+
+def block_slices(xp, n, item_bytes):
+    """Slices cutting n items of item_bytes each into cache-sized blocks (``BLOCK_BYTES``).
+
+    On the GPU there is one block, the whole range: its memory is fast and each extra
+    operation is a kernel launch."""
+    if xp is not np:
+        return [slice(0, n)]
+    step = max(1, BLOCK_BYTES // max(1, item_bytes))
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
 def scatter_add_rows(xp, out, rows, values):
     """``out[rows[i]] += values[i]`` for every i, summing repeated rows (unlike ``out[rows] += v``).
 

@@ -14,6 +14,10 @@ import importlib
 BENCHMARKS = {
     "tokenizer": ("minigpt2.bench_tokenizer",
                   "BPE encode/decode MB/s vs tiktoken, training time vs Hugging Face tokenizers"),
+    "train": ("minigpt2.bench_train",
+              "a training step (forward, backward, AdamW) vs transformers + torch.optim.AdamW"),
+    "generate": ("minigpt2.bench_generate",
+                 "KV-cache greedy generation vs transformers' generate on the same weights"),
 }
 
 

@@ -31,8 +31,9 @@ def activation_floats(cfg: GPTConfig, batch_size: int, T: int) -> int:
     """Number of floats minigpt2's forward keeps for the backward at batch B, length T.
 
     Per block and token: the block input, ln_1 output, qkv (3C), merged heads, the residual after
-    attention, ln_2 output (C each, 8C in all), the MLP hidden before and after GELU (4C + 4C),
-    LayerNorm mean and rstd (4), and one row of attention probabilities per head (H*T).
+    attention, ln_2 output (C each, 8C in all), GELU's output and its derivative (4C + 4C; the
+    fast GELU keeps gelu'(x) instead of x), LayerNorm mean and rstd (4), and one row of
+    attention probabilities per head (H*T).
     Then ln_f's input and output (2C + 2), and the logits plus their softmax (2V).
     Dropout, when on, adds its masks: H*T + 2C per block and C for the embedding.
     """

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module, scatter_add_rows
+import numpy as np
+
+from .backend import array_module, block_slices, scatter_add_rows
 
 # ----------------------------------------------------------------------------------------------
 # token + position embedding
@@ -34,17 +36,19 @@ def embedding_forward(idx, wte, wpe):
     return x, (idx, wte.shape, wpe.shape)
 
 
-def embedding_backward(dx, cache):
+def embedding_backward(dx, cache, dwte=None):
     """dwte[v] = sum of dx[b, t] over every (b, t) with idx[b, t] == v; dwpe[t] = sum_b dx[b, t].
 
     A token id may occur many times in a batch, so the gradient is a scatter-*add*: a plain
     ``dwte[idx] += dx`` would keep only one of the repeated rows.
-    dx (B, T, C) -> dwte (V, C), dwpe (block_size, C).
+    dx (B, T, C) -> dwte (V, C), dwpe (block_size, C). When wte is also used elsewhere (the tied
+    LM head), pass that gradient as ``dwte``: this one is added into it, in place.
     """
     idx, wte_shape, wpe_shape = cache
     xp = array_module(dx)
     B, T, C = dx.shape
-    dwte = xp.zeros(wte_shape, dtype=dx.dtype)
+    if dwte is None:
+        dwte = xp.zeros(wte_shape, dtype=dx.dtype)
     scatter_add_rows(xp, dwte, idx.reshape(-1), dx.reshape(-1, C))
     dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)
     dwpe[:T] = dx.sum(axis=0)
@@ -90,13 +94,70 @@ def layernorm_backward(dout, cache):
     return dx, dw, db
 
 
+def layernorm_forward_fast(x, w, b, eps=1e-5):
+    """``layernorm_forward`` block by block (``row_blocks``), each pass in place in the output's
+    block while it sits in cache. Same cache (x, w, mean, rstd); tested equal."""
+    xp = array_module(x)
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    out = xp.empty_like(x2)
+    mean = xp.empty((x2.shape[0], 1), dtype=x.dtype)
+    rstd = xp.empty_like(mean)
+    for rows in row_blocks(x2):
+        o = out[rows]
+        mean[rows] = x2[rows].mean(axis=-1, keepdims=True)
+        xp.subtract(x2[rows], mean[rows], out=o)
+        var = (o * o).mean(axis=-1, keepdims=True)
+        rstd[rows] = 1.0 / (var + eps) ** 0.5
+        o *= rstd[rows]
+        o *= w
+        o += b
+    lead = x.shape[:-1] + (1,)
+    return out.reshape(x.shape), (x, w, mean.reshape(lead), rstd.reshape(lead))
+
+
+def layernorm_backward_fast(dout, cache):
+    """``layernorm_backward`` block by block, in place; dw and db are summed block by block.
+    Tested equal to the readable form."""
+    x, w, mean, rstd = cache
+    xp = array_module(x)
+    C = x.shape[-1]
+    x2, d2 = x.reshape(-1, C), dout.reshape(-1, C)
+    mean, rstd = mean.reshape(-1, 1), rstd.reshape(-1, 1)
+    dx = xp.empty_like(x2)
+    dw = xp.zeros(C, dtype=x.dtype)
+    db = xp.zeros(C, dtype=x.dtype)
+    for rows in row_blocks(x2):
+        xhat = x2[rows] - mean[rows]
+        xhat *= rstd[rows]
+        g = d2[rows] * xhat
+        dw += g.sum(axis=0)
+        db += d2[rows].sum(axis=0)
+        xp.multiply(d2[rows], w, out=g)                     # g = dout * w
+        m1 = g.mean(axis=-1, keepdims=True)
+        m2 = (g * xhat).mean(axis=-1, keepdims=True)
+        xhat *= m2
+        g -= m1
+        g -= xhat
+        g *= rstd[rows]
+        dx[rows] = g
+    return dx.reshape(x.shape), dw, db
+
+
 # ----------------------------------------------------------------------------------------------
 # linear ("Conv1D" in GPT-2: the weight is stored [in, out])
 
 
 def linear_forward(x, w, b):
-    """out = x @ w + b.  x (..., in), w (in, out) — GPT-2's Conv1D layout —, b (out,)."""
-    return x @ w + b, (x, w)
+    """out = x @ w + b.  x (..., in), w (in, out) — GPT-2's Conv1D layout —, b (out,).
+
+    x is flattened to (N, in) first: one large matrix multiply instead of a batch of B small
+    ones (NumPy multiplies a 3-D array by a 2-D one as a loop over the batch, about 2x slower).
+    """
+    n_in, n_out = w.shape
+    out = x.reshape(-1, n_in) @ w                                          # (N, out)
+    out += b
+    return out.reshape(*x.shape[:-1], n_out), (x, w)
 
 
 def linear_backward(dout, cache):
@@ -106,9 +167,10 @@ def linear_backward(dout, cache):
     """
     x, w = cache
     n_in, n_out = w.shape
-    dx = dout @ w.T
-    dw = x.reshape(-1, n_in).T @ dout.reshape(-1, n_out)
-    db = dout.reshape(-1, n_out).sum(axis=0)
+    dout2 = dout.reshape(-1, n_out)                                        # (N, out)
+    dx = (dout2 @ w.T).reshape(x.shape)
+    dw = x.reshape(-1, n_in).T @ dout2
+    db = dout2.sum(axis=0)
     return dx, dw, db
 
 
@@ -133,6 +195,50 @@ def gelu_backward(dout, cache):
     th = xp.tanh(GELU_K * (x + GELU_A * x * x * x))
     dudx = GELU_K * (1.0 + 3.0 * GELU_A * x * x)
     return dout * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dudx)
+
+
+def row_blocks(a):
+    """Slices over the rows of the 2-D array ``a`` (N, D), each about ``BLOCK_BYTES`` big, so the
+    in-place passes of a fast path run on a block while it sits in cache (one block on a GPU)."""
+    return block_slices(array_module(a), a.shape[0], a.shape[1] * a.itemsize)
+
+
+def gelu_forward_fast(x):
+    """``gelu_forward`` that also returns GELU's derivative at x as its cache, so the backward
+    is a single multiply: dx = dout * gelu'(x). tanh(u) is computed once and used for both.
+
+    gelu(x) = 0.5 x (1 + th),  gelu'(x) = 0.5 (1 + th) (1 + (1 - th) x du/dx)
+    with th = tanh(u), u = K (x + A x^3), du/dx = K (1 + 3 A x^2), and 1 - th^2 written as
+    (1 - th)(1 + th). Runs block by block (``row_blocks``) with in-place passes; the cache has
+    the size of the readable form's (one array like x). Tested equal to the readable form.
+    """
+    xp = array_module(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    out, dgelu = xp.empty_like(x2), xp.empty_like(x2)
+    for rows in row_blocks(x2):
+        xb, o, d = x2[rows], out[rows], dgelu[rows]
+        xx = xb * xb
+        xp.multiply(xx, GELU_K * GELU_A, out=o)
+        o += GELU_K
+        o *= xb
+        xp.tanh(o, out=o)                        # o = th
+        xx *= 3.0 * GELU_K * GELU_A
+        xx += GELU_K
+        xx *= xb                                 # x du/dx
+        xp.subtract(1.0, o, out=d)
+        d *= xx
+        d += 1.0                                 # 1 + (1 - th) x du/dx
+        o += 1.0
+        d *= o
+        d *= 0.5                                 # gelu'(x)
+        o *= xb
+        o *= 0.5                                 # gelu(x)
+    return out.reshape(x.shape), dgelu.reshape(x.shape)
+
+
+def gelu_backward_fast(dout, cache):
+    """dx = dout * gelu'(x), with gelu'(x) from ``gelu_forward_fast``'s cache."""
+    return dout * cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +333,68 @@ def attention_backward(dy, cache):
     return xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
 
 
+_MASK_BIAS = {}
+
+
+def causal_mask_bias(xp, T, dtype):
+    """(T, T) array, 0 where query i may see key j (j <= i) and -inf above the diagonal.
+
+    Added to the scores in place; cached, since every layer and step uses the same one."""
+    key = (xp.__name__, T, np.dtype(dtype).str)
+    if key not in _MASK_BIAS:
+        _MASK_BIAS[key] = xp.triu(xp.full((T, T), -np.inf, dtype=dtype), k=1)
+    return _MASK_BIAS[key]
+
+
+def _qkv_heads(qkv, n_head):
+    """qkv (B, T, 3C) -> q, k, v, each a (B, H, T, hs) view (no copy)."""
+    B, T, C3 = qkv.shape
+    qkv5 = qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head))
+    return tuple(qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+
+def attention_forward_fast(qkv, n_head, dropout_p=0.0, rng=None):
+    """``attention_forward`` with fewer passes over the (B, H, T, T) scores: the scale goes into
+    q (T*hs numbers instead of T*T), the mask is added in place, and the softmax runs in place in
+    the scores' buffer. Tested equal to the readable form."""
+    xp = array_module(qkv)
+    q, k, v = _qkv_heads(qkv, n_head)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = (q * scale) @ k.transpose(0, 1, 3, 2)                           # (B, H, T, T)
+    att += causal_mask_bias(xp, att.shape[-1], att.dtype)
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    att_d, mask = dropout_forward(att, dropout_p, rng)
+    y = _merge_heads(att_d @ v)                                           # (B, T, C)
+    return y, (q, k, v, att, mask, scale)
+
+
+def attention_backward_fast(dy, cache):
+    """``attention_backward`` for ``attention_forward_fast``'s cache: the softmax backward runs in
+    place in d att's buffer, and dq, dk, dv are written straight into their slices of dqkv
+    instead of being merged and concatenated. Tested equal to the readable form."""
+    q, k, v, att, mask, scale = cache
+    xp = array_module(dy)
+    B, H, T, hs = q.shape
+    dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
+    dqkv = xp.empty((B, T, 3, H, hs), dtype=dy.dtype)
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
+    att_d = att if mask is None else att * mask
+    dv[...] = att_d.transpose(0, 1, 3, 2) @ dyh
+    ds = dyh @ v.transpose(0, 1, 3, 2)                                    # d att_d (B, H, T, T)
+    if mask is not None:
+        ds *= mask
+    row = xp.einsum("bhij,bhij->bhi", ds, att)[..., None]               # sum_j datt * att
+    ds -= row
+    ds *= att                                                             # ds = att * (datt - row)
+    dq[...] = ds @ k
+    dq *= scale
+    dk[...] = ds.transpose(0, 1, 3, 2) @ q
+    dk *= scale
+    return dqkv.reshape(B, T, 3 * H * hs)
+
+
 def attention_step(qkv, n_head, k_cache, v_cache, pos):
     """Attention for generation with a KV cache (inference only, no backward).
 
@@ -268,26 +436,27 @@ def cross_entropy_forward(logits, targets):
     valid = t != -1
     t_safe = xp.where(valid, t, 0)
     zmax = z.max(axis=-1, keepdims=True)
-    e = xp.exp(z - zmax)
+    e = z - zmax                                 # (N, V); becomes the probabilities in place
+    xp.exp(e, out=e)
     sumexp = e.sum(axis=-1, keepdims=True)
     logsumexp = (zmax + xp.log(sumexp))[:, 0]
     picked = xp.take_along_axis(z, t_safe[:, None], axis=-1)[:, 0]
     n_valid = valid.sum().astype(logits.dtype)  # a count, kept in the logits' dtype
     nll = xp.where(valid, logsumexp - picked, 0.0)
     loss = nll.sum() / n_valid
-    probs = e / sumexp
-    return loss, (probs, t_safe, valid, n_valid, logits.shape)
+    e /= sumexp                                  # softmax(logits)
+    return loss, (e, t_safe, valid, n_valid, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
     """d loss / d logits = (softmax(logits) - onehot(target)) / n_valid, zero on ignored rows.
 
     dloss is the upstream gradient of the scalar loss (1.0 when loss is what is minimised).
-    -> dlogits (B, T, V).
+    -> dlogits (B, T, V). The probabilities in the cache are overwritten: call it once.
     """
     probs, t_safe, valid, n_valid, shape = cache
     xp = array_module(probs)
-    d = probs.copy()
+    d = probs            # written in place: the cache is consumed (one backward per forward)
     rows = xp.arange(d.shape[0])
     d[rows, t_safe] -= 1.0
     d *= valid[:, None] * (dloss / n_valid)

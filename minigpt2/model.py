@@ -85,16 +85,16 @@ def block_forward(x, p, n_head, dropout_p=0.0, rng=None):
     ("ln_1.weight", "attn.c_attn.weight", ...) to arrays. Dropout as in GPT-2's training code
     (after the attention softmax and after each residual projection) when dropout_p > 0."""
     # x = x + attn(ln_1(x))
-    a, ln_1 = layers.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
+    a, ln_1 = layers.layernorm_forward_fast(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
     qkv, c_attn = layers.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
-    y, attn = layers.attention_forward(qkv, n_head, dropout_p, rng)                          # (B, T, C)
+    y, attn = layers.attention_forward_fast(qkv, n_head, dropout_p, rng)                     # (B, T, C)
     y, attn_proj = layers.linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     y, drop_1 = layers.dropout_forward(y, dropout_p, rng)
     x = x + y
     # x = x + mlp(ln_2(x))
-    m, ln_2 = layers.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
+    m, ln_2 = layers.layernorm_forward_fast(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
     m, c_fc = layers.linear_forward(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])             # (B, T, 4C)
-    m, gelu = layers.gelu_forward(m)
+    m, gelu = layers.gelu_forward_fast(m)
     m, mlp_proj = layers.linear_forward(m, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])     # (B, T, C)
     m, drop_2 = layers.dropout_forward(m, dropout_p, rng)
     x = x + m
@@ -111,16 +111,16 @@ def block_backward(dx, cache):
     # x = x + mlp(ln_2(x))
     dm = layers.dropout_backward(dx, drop_2)
     dm, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = layers.linear_backward(dm, mlp_proj)
-    dm = layers.gelu_backward(dm, gelu)
+    dm = layers.gelu_backward_fast(dm, gelu)
     dm, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = layers.linear_backward(dm, c_fc)
-    dm, g["ln_2.weight"], g["ln_2.bias"] = layers.layernorm_backward(dm, ln_2)
+    dm, g["ln_2.weight"], g["ln_2.bias"] = layers.layernorm_backward_fast(dm, ln_2)
     dx = dx + dm
     # x = x + attn(ln_1(x))
     dy = layers.dropout_backward(dx, drop_1)
     dy, g["attn.c_proj.weight"], g["attn.c_proj.bias"] = layers.linear_backward(dy, attn_proj)
-    dqkv = layers.attention_backward(dy, attn)
+    dqkv = layers.attention_backward_fast(dy, attn)
     da, g["attn.c_attn.weight"], g["attn.c_attn.bias"] = layers.linear_backward(dqkv, c_attn)
-    da, g["ln_1.weight"], g["ln_1.bias"] = layers.layernorm_backward(da, ln_1)
+    da, g["ln_1.weight"], g["ln_1.bias"] = layers.layernorm_backward_fast(da, ln_1)
     return dx + da, g
 
 
@@ -287,8 +287,9 @@ class GPT:
             x, cache = block_forward(x, self._block(i), cfg.n_head, p, rng)
             if keep:
                 blocks.append(cache)
-        h, ln_f = layers.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
-        logits = h @ P["wte.weight"].T                                            # (B, T, V)
+        h, ln_f = layers.layernorm_forward_fast(x, P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
+        B, T, C = h.shape
+        logits = (h.reshape(-1, C) @ P["wte.weight"].T).reshape(B, T, -1)        # (B, T, V)
         if targets is None:
             return logits, None
         loss, ce = layers.cross_entropy_forward(logits, targets)
@@ -309,18 +310,19 @@ class GPT:
         grads = {}
         dlogits = layers.cross_entropy_backward(1.0, ce)                          # (B, T, V)
         # logits = h @ wte^T: the tied LM head's share of wte's gradient
-        dwte_head = dlogits.reshape(-1, dlogits.shape[-1]).T @ h.reshape(-1, C)   # (V, C)
-        dh = dlogits @ P["wte.weight"]                                            # (B, T, C)
+        dlogits = dlogits.reshape(-1, dlogits.shape[-1])                          # (N, V)
+        dwte_head = dlogits.T @ h.reshape(-1, C)                                  # (V, C)
+        dh = (dlogits @ P["wte.weight"]).reshape(h.shape)                         # (B, T, C)
         del dlogits
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layernorm_backward(dh, ln_f)
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layernorm_backward_fast(dh, ln_f)
         for i in reversed(range(self.config.n_layer)):
             dx, g = block_backward(dx, blocks[i])
             blocks[i] = None  # free this block's activations as soon as they are used
             for name, value in g.items():
                 grads[f"h.{i}.{name}"] = value
         dx = layers.dropout_backward(dx, drop)
-        dwte_emb, grads["wpe.weight"] = layers.embedding_backward(dx, emb)
-        grads["wte.weight"] = dwte_head + dwte_emb  # wte is used twice: its gradients add
+        # wte is used twice, as the embedding and as the LM head: its gradients add
+        grads["wte.weight"], grads["wpe.weight"] = layers.embedding_backward(dx, emb, dwte_head)
         return {name: grads[name] for name in P}
 
     # --- generation with a KV cache ---------------------------------------------------------------
@@ -333,14 +335,14 @@ class GPT:
         x = P["wte.weight"][idx] + P["wpe.weight"][pos:pos + T_new]
         for i, (k_cache, v_cache) in enumerate(kv):
             p = self._block(i)
-            a, _ = layers.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
+            a, _ = layers.layernorm_forward_fast(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
             qkv = a @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]
             y = layers.attention_step(qkv, cfg.n_head, k_cache, v_cache, pos)
             x = x + (y @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"])
-            m, _ = layers.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
-            m, _ = layers.gelu_forward(m @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"])
+            m, _ = layers.layernorm_forward_fast(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
+            m, _ = layers.gelu_forward_fast(m @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"])
             x = x + (m @ p["mlp.c_proj.weight"] + p["mlp.c_proj.bias"])
-        h, _ = layers.layernorm_forward(x[:, -1], P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
+        h, _ = layers.layernorm_forward_fast(x[:, -1], P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
         return h @ P["wte.weight"].T                                              # (B, V)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):

@@ -1,0 +1,261 @@
+"""``python -m minigpt2 bench train``: a training step of minigpt2 against PyTorch, side by side.
+
+Both frameworks run the same step on the same weights and batch: forward, cross-entropy on the
+logits, backward, AdamW (decay on 2-D weights), float32, dropout 0. PyTorch runs transformers'
+``GPT2LMHeadModel`` eagerly with ``torch.optim.AdamW``, once with transformers' default attention
+(``sdpa``) and once with ``eager``. After warm-up the steps alternate (ours, theirs, ours, ...), so
+both see the same machine state; the reported ratio is the median of the per-pair ratios
+(minigpt2 tokens/s ÷ PyTorch tokens/s; above 1 means minigpt2 is faster).
+
+minigpt2's FLOP/s are put against a float32 GEMM timed in the same run: the share of the machine's
+matrix speed the whole step achieves. Peak memory of a step is measured for each framework in a
+fresh subprocess (the growth of the resident set over two steps, after the model is built).
+PyTorch and transformers are test-only dependencies: without them only minigpt2's figures print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .config import PRESETS, GPTConfig
+from .info import flops_per_token
+
+# nanoGPT's shakespeare-char model: the default subject of the benchmark
+SHAKESPEARE_CHAR = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=65)
+
+
+def add_model_arguments(p, default_batch, default_block):
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="a GPT-2 size (default: nanoGPT's shakespeare-char model, 6 layers, "
+                        "6 heads, 384 channels, vocabulary 65)")
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--n-head", type=int)
+    p.add_argument("--n-embd", type=int)
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--batch-size", type=int, default=default_batch)
+    p.add_argument("--block-size", type=int, default=default_block, help="T, the sequence length")
+
+
+def config_from_args(args) -> GPTConfig:
+    base = dict(PRESETS[args.preset], vocab_size=50257) if args.preset else dict(SHAKESPEARE_CHAR)
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return GPTConfig(block_size=args.block_size, **base)
+
+
+def add_arguments(p):
+    add_model_arguments(p, default_batch=8, default_block=256)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per framework (default 8)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    # internal: the fresh subprocess that measures one framework's peak memory
+    p.add_argument("--_memory", choices=["minigpt2", "sdpa", "eager"], help=argparse.SUPPRESS)
+
+
+# ---- the two training steps -------------------------------------------------------------------
+
+
+def batch_for(cfg, B, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, cfg.vocab_size, size=(B, cfg.block_size))
+    return idx, np.roll(idx, -1, axis=1)
+
+
+def minigpt2_step(cfg, B):
+    """A closure running one minigpt2 training step (and the model, for building twins)."""
+    from .model import GPT
+    from .optim import AdamW
+    model = GPT(cfg, seed=0)
+    idx, targets = batch_for(cfg, B)
+    opt = None
+
+    def step():
+        nonlocal opt
+        if opt is None:       # created on first use, as torch creates its moments
+            opt = AdamW(model.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        _, loss = model.forward(idx, targets)
+        opt.step(model.backward())
+        return float(loss)
+
+    return step, model
+
+
+def torch_twin(model, attn):
+    """transformers' GPT2LMHeadModel holding exactly ``model``'s weights (float32, no dropout)."""
+    import torch
+    import transformers
+    c = model.config
+    hf_cfg = transformers.GPT2Config(
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
+        vocab_size=c.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, attn_implementation=attn)
+    hf = transformers.GPT2LMHeadModel(hf_cfg)
+    state = hf.state_dict()
+    with torch.no_grad():
+        for name, p in model.params.items():
+            state["transformer." + name].copy_(torch.from_numpy(np.asarray(p, dtype=np.float32)))
+    return hf
+
+
+def torch_step(model, B, attn):
+    import torch
+    hf = torch_twin(model, attn).train()
+    idx, targets = (torch.as_tensor(a) for a in batch_for(model.config, B))
+    decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and n != "lm_head.weight"]
+    other = [p for p in hf.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": other, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95))
+    V = model.config.vocab_size
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = hf(idx).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+# ---- measuring --------------------------------------------------------------------------------
+
+
+def gemm_flops(n=2048, repeat=3) -> float:
+    """FLOP/s of one float32 matrix multiply (n x n by n x n) in NumPy: the machine's ceiling."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeat))
+    return 2 * n ** 3 / best
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def blas_threads():
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
+def peak_memory_in_subprocess(framework, cfg, B) -> float | None:
+    """MiB the resident set grows by over two training steps, in a fresh interpreter (Linux)."""
+    argv = [sys.executable, "-m", "minigpt2", "bench", "train", "--_memory", framework,
+            "--n-layer", str(cfg.n_layer), "--n-head", str(cfg.n_head), "--n-embd",
+            str(cfg.n_embd), "--vocab-size", str(cfg.vocab_size), "--block-size",
+            str(cfg.block_size), "--batch-size", str(B)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def _status_mib(field) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM its peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024   # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_memory(framework, cfg, B) -> None:
+    """Runs in the subprocess: build, note the RSS, run two steps, print the high-water growth.
+
+    The peak is the kernel's VmHWM of this process after resetting it to the current RSS
+    (``echo 5 > /proc/self/clear_refs``). ``getrusage``'s ru_maxrss would not do: it carries
+    over the parent's size across fork + exec.
+    """
+    ours, model = minigpt2_step(cfg, B)
+    step = ours if framework == "minigpt2" else torch_step(model, B, framework)
+    if framework != "minigpt2":
+        del model.params   # only the torch twin's weights stay, as in a torch-only program
+    before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    step()
+    print(json.dumps({"peak_mib": _status_mib("VmHWM") - before}))
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    B = args.batch_size
+    if args._memory:
+        measure_memory(args._memory, cfg, B)
+        return 0
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    tokens = B * cfg.block_size
+    ours, model = minigpt2_step(cfg, B)
+    rows = {"minigpt2": ours}        # framework key -> step function
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError:
+        torch = None
+        print("PyTorch/transformers not installed (pip install -r requirements-dev.txt): "
+              "minigpt2's figures only")
+    threads = blas_threads()
+    if torch is not None:
+        if threads:
+            torch.set_num_threads(threads)   # the same number of threads for both
+        for attn in ("sdpa", "eager"):
+            rows[attn] = torch_step(model, B, attn)
+
+    print(f"training step, float32: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} "
+          f"channels, V = {cfg.vocab_size}, B = {B}, T = {cfg.block_size}")
+    for fn in rows.values():
+        for _ in range(args.warmup):
+            fn()
+    times = {key: [] for key in rows}
+    for _ in range(args.steps):          # alternate: one step of each, in turn
+        for key, fn in rows.items():
+            times[key].append(timed(fn))
+
+    gemm = gemm_flops()
+    ours_t = statistics.median(times["minigpt2"])
+    achieved = flops_per_token(cfg, cfg.block_size)["train"] * tokens / ours_t
+    results = {"config": cfg.to_dict(), "batch_size": B, "rows": {}, "blas_threads": threads,
+               "torch_threads": torch.get_num_threads() if torch else None,
+               "gemm_gflops": gemm / 1e9, "minigpt2_gflops": achieved / 1e9,
+               "minigpt2_fraction_of_gemm": achieved / gemm}
+    print(f"threads: NumPy BLAS {threads or '?'}"
+          + (f", PyTorch {torch.get_num_threads()}" if torch else ""))
+    print(f"{'framework':<18}{'tokens/s':>10}{'ms/step':>10}{'ratio':>8}{'peak MiB':>10}")
+    for key, t in times.items():
+        # minigpt2 tokens/s over this row's tokens/s, i.e. this row's time over minigpt2's,
+        # per alternating pair, then the median
+        ratio = statistics.median([x / o for o, x in zip(times["minigpt2"], t)])
+        peak = None if args.no_memory else peak_memory_in_subprocess(key, cfg, B)
+        label = key if key == "minigpt2" else f"pytorch ({key})"
+        median = statistics.median(t)
+        results["rows"][label] = {"tokens_per_s": tokens / median, "ms_per_step": 1e3 * median,
+                                  "minigpt2_ratio": ratio, "peak_mib": peak}
+        ratio_s = f"{'':>8}" if key == "minigpt2" else f"{ratio:>8.2f}"
+        peak_s = f"{'-':>10}" if peak is None else f"{peak:>10.0f}"
+        print(f"{label:<18}{tokens / median:>10.0f}{1e3 * median:>10.1f}{ratio_s}{peak_s}")
+    print(f"ratio: minigpt2 tokens/s / PyTorch tokens/s, median of {args.steps} alternating pairs")
+    print(f"minigpt2: {achieved / 1e9:.1f} GFLOP/s = {achieved / gemm:.0%} of a float32 GEMM in "
+          f"NumPy ({gemm / 1e9:.0f} GFLOP/s, 2048^3, this run)")
+    if args.json:
+        print(json.dumps(results))
+    return 0
