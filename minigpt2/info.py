@@ -7,6 +7,7 @@ backward keeps (an estimate from the caches each layer stores), and FLOPs per to
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -76,8 +77,9 @@ def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32") ->
 
 
 def add_arguments(p):
-    p.add_argument("preset", nargs="?", default="gpt2", choices=list(PRESETS),
-                   help="one of the paper's sizes (default gpt2); the flags below override it")
+    p.add_argument("preset", nargs="?", default="gpt2", metavar="PRESET|DIR",
+                   help=f"one of the paper's sizes ({', '.join(PRESETS)}; default gpt2) or a model "
+                        "folder with a config.json; the flags below override it")
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-head", type=int)
     p.add_argument("--n-embd", type=int)
@@ -91,10 +93,25 @@ def add_arguments(p):
 
 
 def config_from_args(args) -> GPTConfig:
+    """The preset, or the config.json of a model folder, with the command-line overrides."""
     overrides = {k: getattr(args, k) for k in
                  ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "dropout")
                  if getattr(args, k) is not None}
-    return GPTConfig.preset(args.preset, **overrides)
+    if args.preset in PRESETS:
+        return GPTConfig.preset(args.preset, **overrides)
+    folder = Path(args.preset)
+    if not folder.is_dir():
+        raise ValueError(f"{args.preset!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                         "model folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: a model folder needs config.json")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    cfg = GPTConfig.from_hf_dict(hf, source=str(config_path))
+    return GPTConfig(**{**cfg.to_dict(), **overrides})
 
 
 def run(args) -> int:
@@ -113,7 +130,10 @@ def run(args) -> int:
                           "dtype": args.dtype, "memory_bytes": mem,
                           "flops_per_token": flops}, indent=2))
         return 0
-    name = args.preset if cfg == GPTConfig.preset(args.preset) else "custom config"
+    if args.preset in PRESETS:
+        name = args.preset if cfg == GPTConfig.preset(args.preset) else "custom config"
+    else:
+        name = args.preset
     print(f"{name}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} channels "
           f"(head size {cfg.head_size}), context {cfg.block_size}, vocabulary {cfg.vocab_size}")
     print(f"parameters  {cfg.num_params():>15,}")

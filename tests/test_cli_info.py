@@ -38,7 +38,7 @@ def test_info_json_for_all_four_sizes():
 
 
 @pytest.mark.parametrize("args,message", [
-    (("info", "gpt3"), "invalid choice: 'gpt3'"),
+    (("info", "gpt3"), "'gpt3' is neither a preset"),
     (("info", "--n-head", "7"), "must be divisible by n_head"),
     (("info", "--seq-len", "2048"), "--seq-len must be in"),
     (("nonsense",), "invalid choice: 'nonsense'"),
@@ -48,6 +48,16 @@ def test_cli_errors_are_one_line_and_exit_2(args, message):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_info_reads_a_model_folder(tmp_path):
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=40)
+    GPT(cfg).save_pretrained(tmp_path)
+    info = json.loads(run_cli("info", str(tmp_path), "--json").stdout)
+    assert info["num_params"] == cfg.num_params() and info["config"]["block_size"] == 32
+    (tmp_path / "config.json").unlink()
+    result = run_cli("info", str(tmp_path))
+    assert result.returncode == 2 and "config.json not found" in result.stderr
 
 
 def test_help_lists_commands():
