@@ -115,8 +115,10 @@ def keep_freed_memory_for_reuse() -> bool:
     again: about 30,000 faults and 0.1 s of kernel time per step on nanoGPT's char model, 7% of
     the step. Raising malloc's mmap and trim thresholds keeps those blocks in the heap. The
     process's resident memory then stays near its peak instead of shrinking between steps.
-    Linux with glibc only (elsewhere nothing changes); done once, when a CPU model is built.
-    Returns whether the thresholds were set.
+    Linux with glibc only (elsewhere nothing changes). It changes the whole process, so the
+    library never calls it on its own: the ``train`` command does, for its own process, and
+    ``bench train`` does not (it would speed up PyTorch in the same process too). Returns
+    whether the thresholds were set.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:

@@ -107,7 +107,7 @@ def layernorm_forward_fast(x, w, b, eps=1e-5):
         o = out[rows]
         mean[rows] = x2[rows].mean(axis=-1, keepdims=True)
         xp.subtract(x2[rows], mean[rows], out=o)
-        var = (o * o).mean(axis=-1, keepdims=True)
+        var = xp.einsum("nc,nc->n", o, o)[:, None] / C     # mean of squares, no temporary
         rstd[rows] = 1.0 / (var + eps) ** 0.5
         o *= rstd[rows]
         o *= w
@@ -130,12 +130,11 @@ def layernorm_backward_fast(dout, cache):
     for rows in row_blocks(x2):
         xhat = x2[rows] - mean[rows]
         xhat *= rstd[rows]
-        g = d2[rows] * xhat
-        dw += g.sum(axis=0)
+        dw += xp.einsum("nc,nc->c", d2[rows], xhat)
         db += d2[rows].sum(axis=0)
-        xp.multiply(d2[rows], w, out=g)                     # g = dout * w
+        g = d2[rows] * w                                    # the gradient reaching xhat
         m1 = g.mean(axis=-1, keepdims=True)
-        m2 = (g * xhat).mean(axis=-1, keepdims=True)
+        m2 = xp.einsum("nc,nc->n", g, xhat)[:, None] / C
         xhat *= m2
         g -= m1
         g -= xhat

@@ -19,8 +19,7 @@ import math
 import numpy as np
 
 from . import layers
-from .backend import (array_module, get_xp, keep_freed_memory_for_reuse, resolve_device,
-                      resolve_dtype)
+from .backend import array_module, get_xp, resolve_device, resolve_dtype
 from .config import LAYER_NORM_EPS, GPTConfig
 
 # the parameters of one block, in the order of the Hugging Face checkpoint, with their shapes
@@ -191,8 +190,6 @@ class GPT:
         self.device = resolve_device(device)
         self.xp = get_xp(self.device)
         self.dtype = resolve_dtype(dtype)
-        if self.xp is np:
-            keep_freed_memory_for_reuse()   # no page faults on each step's temporaries
         host = params if params is not None else init_params(cfg, seed, self.dtype)
         self.params = {name: self.xp.array(p, dtype=self.dtype) for name, p in host.items()}
         self.training = True
