@@ -67,14 +67,8 @@ def _read_weights(directory: Path) -> dict:
     raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {directory}")
 
 
-def load_pretrained(directory) -> tuple[GPTConfig, dict]:
-    """Read a Hugging Face GPT-2 folder. Returns (config, params as host NumPy arrays).
-
-    Refuses, naming them: configs that are not exactly GPT-2, and missing, unexpected or
-    mis-shaped tensors.
-    """
-    from .model import param_shapes
-
+def read_config(directory) -> GPTConfig:
+    """The GPTConfig of a model folder's config.json (refusing what is not exactly GPT-2)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model folder {directory} not found")
@@ -85,8 +79,19 @@ def load_pretrained(directory) -> tuple[GPTConfig, dict]:
         hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-    cfg = GPTConfig.from_hf_dict(hf_config, source=str(config_path))
+    return GPTConfig.from_hf_dict(hf_config, source=str(config_path))
 
+
+def load_pretrained(directory) -> tuple[GPTConfig, dict]:
+    """Read a Hugging Face GPT-2 folder. Returns (config, params as host NumPy arrays).
+
+    Refuses, naming them: configs that are not exactly GPT-2, and missing, unexpected or
+    mis-shaped tensors.
+    """
+    from .model import param_shapes
+
+    directory = Path(directory)
+    cfg = read_config(directory)
     raw = _read_weights(directory)
     tensors, lm_head = {}, None
     for key, value in raw.items():

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import PRESETS, GPTConfig
+from .hf import read_config
 
 GiB = 1024 ** 3
 
@@ -99,18 +100,10 @@ def config_from_args(args) -> GPTConfig:
                  if getattr(args, k) is not None}
     if args.preset in PRESETS:
         return GPTConfig.preset(args.preset, **overrides)
-    folder = Path(args.preset)
-    if not folder.is_dir():
+    if not Path(args.preset).is_dir():
         raise ValueError(f"{args.preset!r} is neither a preset ({', '.join(PRESETS)}) nor a "
                          "model folder")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: a model folder needs config.json")
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-    cfg = GPTConfig.from_hf_dict(hf, source=str(config_path))
+    cfg = read_config(args.preset)
     return GPTConfig(**{**cfg.to_dict(), **overrides})
 
 
