@@ -51,12 +51,15 @@ def flops_per_token(cfg: GPTConfig, T: int) -> dict:
 
     Forward: 2 FLOPs per weight of every matmul (c_attn, c_proj, c_fc, mlp c_proj: 12*C^2 per
     block, and the LM head V*C), plus attention's q @ k^T and att @ v, 2 * 2 * T * C per layer
-    (minigpt2 computes the full T x T square and masks it).
+    (minigpt2 computes the full T x T square and masks it). ``train_nanogpt`` is nanoGPT's
+    ``estimate_mfu`` count for comparison: it also counts the biases and LayerNorm parameters.
     """
     C, L = cfg.n_embd, cfg.n_layer
     matmul_weights = L * 12 * C * C + cfg.vocab_size * C
     forward = 2 * matmul_weights + 4 * L * T * C
-    return {"forward": forward, "train": 3 * forward}
+    # nanoGPT's estimate_mfu: 6 N + 12 L C T, N the parameters without the position embedding
+    nanogpt = 6 * (cfg.num_params() - cfg.block_size * C) + 12 * L * C * T
+    return {"forward": forward, "train": 3 * forward, "train_nanogpt": nanogpt}
 
 
 def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32") -> dict:
@@ -79,8 +82,9 @@ def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32") ->
 
 def add_arguments(p):
     p.add_argument("preset", nargs="?", default="gpt2", metavar="PRESET|DIR",
-                   help=f"one of the paper's sizes ({', '.join(PRESETS)}; default gpt2) or a model "
-                        "folder with a config.json; the flags below override it")
+                   help=f"one of the paper's sizes ({', '.join(PRESETS)}; default gpt2), 'all' "
+                        "for a table of the four, or a model folder with a config.json; the "
+                        "flags below override it")
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-head", type=int)
     p.add_argument("--n-embd", type=int)
@@ -107,7 +111,26 @@ def config_from_args(args) -> GPTConfig:
     return GPTConfig(**{**cfg.to_dict(), **overrides})
 
 
+def print_all_sizes(args) -> int:
+    """One table for the paper's four sizes at --batch-size and T = 1024."""
+    print(f"the paper's four sizes, {args.dtype}, batch {args.batch_size} x 1024 tokens "
+          "(memory: estimate for a training step with AdamW)")
+    print(f"{'preset':<13}{'layers':>7}{'heads':>6}{'C':>6}{'parameters':>16}{'weights':>10}"
+          f"{'train step':>12}{'GFLOP/token':>13}")
+    for name in PRESETS:
+        cfg = GPTConfig.preset(name)
+        mem = estimate_memory(cfg, args.batch_size, cfg.block_size, args.dtype)
+        flops = flops_per_token(cfg, cfg.block_size)["train_nanogpt"]
+        print(f"{name:<13}{cfg.n_layer:>7}{cfg.n_head:>6}{cfg.n_embd:>6}{cfg.num_params():>16,}"
+              f"{mem['weights'] / GiB:>7.2f} GiB{mem['training_step'] / GiB:>8.2f} GiB"
+              f"{flops / 1e9:>13.2f}")
+    print("GFLOP/token: a training step (forward + backward), nanoGPT's estimate_mfu convention")
+    return 0
+
+
 def run(args) -> int:
+    if args.preset == "all":
+        return print_all_sizes(args)
     cfg = config_from_args(args)
     T = args.seq_len if args.seq_len is not None else cfg.block_size
     if args.batch_size < 1:
@@ -141,5 +164,6 @@ def run(args) -> int:
     for label, key in rows:
         print(f"  {label:<20}{mem[key] / GiB:>10.2f} GiB")
     print(f"FLOPs per token at T = {T}: forward {flops['forward'] / 1e9:.3f} GFLOP, "
-          f"training step {flops['train'] / 1e9:.3f} GFLOP")
+          f"training step {flops['train'] / 1e9:.3f} GFLOP "
+          f"(nanoGPT's estimate_mfu: {flops['train_nanogpt'] / 1e9:.3f})")
     return 0

@@ -60,6 +60,21 @@ def test_info_reads_a_model_folder(tmp_path):
     assert result.returncode == 2 and "config.json not found" in result.stderr
 
 
+def test_info_all_four_sizes_table():
+    result = run_cli("info", "all")
+    assert result.returncode == 0, result.stderr
+    for preset, count in (("gpt2", "124,439,808"), ("gpt2-medium", "354,823,168"),
+                          ("gpt2-large", "774,030,080"), ("gpt2-xl", "1,557,611,200")):
+        line = next(row for row in result.stdout.splitlines() if row.startswith(preset + " "))
+        assert count in line
+
+
+def test_nanogpt_flops_convention():
+    cfg = GPTConfig.preset("gpt2")
+    N = cfg.num_params() - 1024 * 768                    # nanoGPT leaves out wpe
+    assert flops_per_token(cfg, 1024)["train_nanogpt"] == 6 * N + 12 * 12 * 768 * 1024
+
+
 def test_help_lists_commands():
     result = run_cli("--help")
     assert result.returncode == 0 and "info" in result.stdout
