@@ -111,6 +111,18 @@ def _fix_surrogates(text: str) -> str:
 # the tokenizer
 
 
+class _ChunkCache(dict):
+    """chunk -> ids. A chunk not seen before is encoded (and stored) on its first lookup, so a
+    text is encoded in one pass of dict lookups, the Python code running only for new chunks."""
+
+    def __init__(self, encode_chunk):
+        super().__init__()
+        self._encode_chunk = encode_chunk
+
+    def __missing__(self, chunk):
+        return self._encode_chunk(chunk)
+
+
 class Tokenizer:
     """Byte-level BPE with GPT-2's pre-tokenization.
 
@@ -167,7 +179,7 @@ class Tokenizer:
         for s, i in self.special_tokens.items():
             self._decoder[i] = s.encode("utf-8")
         self._vocab_size = max(self._decoder) + 1
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache = _ChunkCache(self._encode_chunk)     # chunk (str) -> ids (tuple)
         self._special_regex_cache: dict[frozenset, object] = {}
 
     # --- sizes and pickling (worker processes get the tables, not the cache) ----------------
@@ -256,15 +268,9 @@ class Tokenizer:
         cache = self._cache
         if len(cache) > self.CACHE_MAX:
             cache.clear()
-        chunks = _SPLIT.findall(text)
         # Lookups and the concatenation run as C loops (map, chain); the Python interpreter
-        # only sees the chunks not yet in the cache.
-        try:
-            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
-        except KeyError:                        # some chunks are new: encode those, then again
-            for chunk in set(chunks).difference(cache):
-                self._encode_chunk(chunk)
-            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        # only sees the chunks not yet in the cache (``_ChunkCache.__missing__``).
+        return list(chain.from_iterable(map(cache.__getitem__, _SPLIT.findall(text))))
 
     def encode_ordinary(self, text: str) -> list[int]:
         """text -> ids, special tokens treated as plain text."""
