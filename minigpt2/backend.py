@@ -134,6 +134,19 @@ def keep_freed_memory_for_reuse() -> bool:
     return _MALLOC_TUNED
 
 
+def upload(xp, a):
+    """A host (NumPy) array as an array of ``xp``: itself on the CPU; on the GPU, copied through
+    page-locked (pinned) host memory, which the GPU reads by DMA without a staging copy."""
+    if xp is np:
+        return a
+    import cupyx
+    pinned = cupyx.empty_pinned(a.shape, dtype=a.dtype)
+    pinned[...] = a
+    out = xp.empty(a.shape, dtype=a.dtype)
+    out.set(pinned)
+    return out
+
+
 def scatter_add_rows(xp, out, rows, values):
     """``out[rows[i]] += values[i]`` for every i, summing repeated rows (unlike ``out[rows] += v``).
 

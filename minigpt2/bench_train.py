@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from .backend import to_numpy
 from .config import PRESETS, GPTConfig
 from .info import flops_per_token
 
@@ -59,8 +60,13 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: both frameworks on the CUDA GPU, float32 and TF32 rows "
+                        "(minigpt2.bench_train_gpu)")
     # internal: the fresh subprocess that measures one framework's peak memory
     p.add_argument("--_memory", choices=["minigpt2", "sdpa", "eager"], help=argparse.SUPPRESS)
+    # internal: the fresh subprocess that runs the GPU comparison in one precision
+    p.add_argument("--_precision", choices=["float32", "tf32"], help=argparse.SUPPRESS)
 
 
 # ---- the two training steps -------------------------------------------------------------------
@@ -72,11 +78,14 @@ def batch_for(cfg, B, seed=0):
     return idx, np.roll(idx, -1, axis=1)
 
 
-def minigpt2_step(cfg, B):
-    """A closure running one minigpt2 training step (and the model, for building twins)."""
+def minigpt2_step(cfg, B, device="cpu"):
+    """A closure running one minigpt2 training step (and the model, for building twins).
+
+    The step returns the loss as a 0-d array on the device (no host round trip); the batch is
+    a host array, uploaded by the model each step as a training loop's would be."""
     from .model import GPT
     from .optim import AdamW
-    model = GPT(cfg, seed=0)
+    model = GPT(cfg, seed=0, device=device)
     idx, targets = batch_for(cfg, B)
     opt = None
 
@@ -86,13 +95,14 @@ def minigpt2_step(cfg, B):
             opt = AdamW(model.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
         _, loss = model.forward(idx, targets)
         opt.step(model.backward())
-        return float(loss)
+        return loss
 
     return step, model
 
 
-def torch_twin(model, attn):
-    """transformers' GPT2LMHeadModel holding exactly ``model``'s weights (float32, no dropout)."""
+def torch_twin(model, attn, device="cpu"):
+    """transformers' GPT2LMHeadModel holding exactly ``model``'s weights (float32, no dropout),
+    on the torch device ``device`` ("cpu" or "cuda")."""
     import torch
     import transformers
     c = model.config
@@ -104,14 +114,16 @@ def torch_twin(model, attn):
     state = hf.state_dict()
     with torch.no_grad():
         for name, p in model.params.items():
-            state["transformer." + name].copy_(torch.from_numpy(np.asarray(p, dtype=np.float32)))
-    return hf
+            state["transformer." + name].copy_(torch.from_numpy(
+                np.asarray(to_numpy(p), dtype=np.float32)))
+    return hf.to(device)
 
 
-def torch_step(model, B, attn):
+def torch_step(model, B, attn, device="cpu"):
+    """A closure running one PyTorch training step on ``model``'s twin; returns the loss tensor."""
     import torch
-    hf = torch_twin(model, attn).train()
-    idx, targets = (torch.as_tensor(a) for a in batch_for(model.config, B))
+    hf = torch_twin(model, attn, device).train()
+    idx, targets = (torch.as_tensor(a, device=device) for a in batch_for(model.config, B))
     decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and n != "lm_head.weight"]
     other = [p for p in hf.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -124,7 +136,7 @@ def torch_step(model, B, attn):
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
         loss.backward()
         opt.step()
-        return loss.item()
+        return loss
 
     return step
 
@@ -199,6 +211,9 @@ def measure_memory(framework, cfg, B) -> None:
 def run(args) -> int:
     cfg = config_from_args(args)
     B = args.batch_size
+    if args.device == "gpu":
+        from .bench_train_gpu import run_gpu
+        return run_gpu(args, cfg)
     if args._memory:
         measure_memory(args._memory, cfg, B)
         return 0

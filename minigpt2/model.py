@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from . import layers
-from .backend import array_module, get_xp, resolve_device, resolve_dtype
+from .backend import array_module, get_xp, resolve_device, resolve_dtype, upload
 from .config import LAYER_NORM_EPS, GPTConfig
 
 # the parameters of one block, in the order of the Hugging Face checkpoint, with their shapes
@@ -258,7 +258,9 @@ class GPT:
         if targets and bool((a == -1).all()):
             raise ValueError("every target is -1 (ignored): there is no position to compute "
                              "the loss on")
-        return self.xp.asarray(a, dtype=np.int64)
+        if on_device:
+            return a.astype(np.int64, copy=False)
+        return upload(self.xp, np.ascontiguousarray(a, dtype=np.int64))
 
     # --- forward / backward ---------------------------------------------------------------------
 

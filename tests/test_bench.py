@@ -65,3 +65,12 @@ def test_bench_train_without_pytorch_says_so(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "PyTorch/transformers not installed" in result.stdout
     assert "minigpt2 " in result.stdout and "pytorch (" not in result.stdout
+
+
+def test_bench_train_on_gpu_without_one_is_a_clear_error():
+    from minigpt2.backend import gpu_available
+    if gpu_available():
+        pytest.skip("a GPU is present here")
+    result = subprocess.run([sys.executable, "-m", "minigpt2", "bench", "train", "--device", "gpu",
+                             *TINY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "device='gpu' was requested" in result.stderr
