@@ -23,6 +23,8 @@ COMMANDS = {
     "download": ("minigpt2.download", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
     "tokenizer": ("minigpt2.tokenizer_cli", "byte-level BPE: train a vocabulary, encode, decode"),
     "bench": ("minigpt2.bench", "benchmarks against reference libraries (bench tokenizer)"),
+    "eval": ("minigpt2.eval.cli", "zero-shot evaluations: perplexity, lambada, cbt, prompts"),
+    "overlap": ("minigpt2.eval.overlap", "8-gram Bloom-filter overlap of test and training text"),
 }
 
 # Errors a user can act on. Set MINIGPT2_DEBUG=1 to get the full traceback instead.
