@@ -22,7 +22,7 @@ COMMANDS = {
     "plot": ("minigpt2.plot", "draw the loss curves of a training run to a PNG"),
     "download": ("minigpt2.download", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
     "tokenizer": ("minigpt2.tokenizer_cli", "byte-level BPE: train a vocabulary, encode, decode"),
-    "bench": ("minigpt2.bench", "benchmarks against reference libraries (bench tokenizer)"),
+    "bench": ("minigpt2.bench", "minigpt2 against reference libraries: train, generate, tokenizer, bloom"),
     "eval": ("minigpt2.eval.cli", "zero-shot evaluations: perplexity, lambada, cbt, prompts"),
     "overlap": ("minigpt2.eval.overlap", "8-gram Bloom-filter overlap of test and training text"),
 }
