@@ -57,7 +57,7 @@ def torch_cuda_timed(torch, fn) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def gemm_seconds(xp, n=8192, repeat=3) -> float:
+def gpu_gemm_flops(xp, n=8192, repeat=3) -> float:
     """FLOP/s of an n^3 float32 matmul on the GPU in this process's precision setting."""
     a = xp.random.standard_normal((n, n), dtype=xp.float32)
     b = xp.random.standard_normal((n, n), dtype=xp.float32)
@@ -93,7 +93,7 @@ def measure(args, cfg, precision) -> dict:
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)
     return {"device": name, "precision": precision, "times": times,
-            "gemm_flops": gemm_seconds(cupy)}
+            "gemm_flops": gpu_gemm_flops(cupy)}
 
 
 def run_gpu(args, cfg) -> int:
