@@ -404,14 +404,13 @@ def attention_step(qkv, n_head, k_cache, v_cache, pos):
     -> y (B, T_new, C).
     """
     xp = array_module(qkv)
-    B, T_new, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = (_split_heads(a, n_head) for a in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
+    T_new = qkv.shape[1]
+    q, k, v = _qkv_heads(qkv, n_head)
     end = pos + T_new
     k_cache[:, :, pos:end] = k
     v_cache[:, :, pos:end] = v
     keys, values = k_cache[:, :, :end], v_cache[:, :, :end]               # (B, H, end, hs)
-    scale = 1.0 / math.sqrt(C // n_head)
+    scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ keys.transpose(0, 1, 3, 2)) * scale                    # (B, H, T_new, end)
     scores = xp.where(causal_mask(xp, T_new, end), -xp.inf, scores)
     return _merge_heads(softmax(scores) @ values)
