@@ -2,10 +2,9 @@
 asserted: performance is read from the printed ratios, never from a test)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_cli
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -14,15 +13,15 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--vocab-size", "50
         "--block-size", "16", "--batch-size", "2"]
 
 
-def run_cli(*args):
-    result = subprocess.run([sys.executable, "-m", "minigpt2", *args], capture_output=True,
-                            text=True, timeout=600)
+def bench_output(*args, env=None):
+    """stdout of a benchmark run that must succeed."""
+    result = run_cli(*args, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_bench_train_rows_ratio_memory_and_gemm_fraction():
-    out = run_cli("bench", "train", *TINY, "--steps", "2", "--warmup", "1")
+    out = bench_output("bench", "train", *TINY, "--steps", "2", "--warmup", "1")
     table = {}
     for line in out.splitlines():
         if line.startswith("minigpt2 "):
@@ -41,16 +40,14 @@ def test_bench_train_rows_ratio_memory_and_gemm_fraction():
 
 
 def test_bench_generate_tokens_agree():
-    out = run_cli("bench", "generate", *TINY[:-2], "--batch-size", "1", "--prompt-tokens", "4",
+    out = bench_output("bench", "generate", *TINY[:-2], "--batch-size", "1", "--prompt-tokens", "4",
                   "--new-tokens", "8", "--repeat", "1")
     assert "greedy tokens identical" in out
     assert any(line.startswith("transformers") for line in out.splitlines())
 
 
 def test_bench_rejects_impossible_lengths():
-    result = subprocess.run([sys.executable, "-m", "minigpt2", "bench", "generate", *TINY[:-2],
-                             "--prompt-tokens", "10", "--new-tokens", "10"],
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli("bench", "generate", *TINY[:-2], "--prompt-tokens", "10", "--new-tokens", "10")
     assert result.returncode == 2 and "--prompt-tokens" in result.stderr
 
 
@@ -59,18 +56,14 @@ def test_bench_train_without_pytorch_says_so(tmp_path):
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('torch hidden for this test')\n")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-m", "minigpt2", "bench", "train", *TINY,
-                             "--steps", "1", "--warmup", "0"], capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert result.returncode == 0, result.stderr
-    assert "PyTorch/transformers not installed" in result.stdout
-    assert "minigpt2 " in result.stdout and "pytorch (" not in result.stdout
+    out = bench_output("bench", "train", *TINY, "--steps", "1", "--warmup", "0", env=env)
+    assert "PyTorch/transformers not installed" in out
+    assert "minigpt2 " in out and "pytorch (" not in out
 
 
 def test_bench_train_on_gpu_without_one_is_a_clear_error():
     from minigpt2.backend import gpu_available
     if gpu_available():
         pytest.skip("a GPU is present here")
-    result = subprocess.run([sys.executable, "-m", "minigpt2", "bench", "train", "--device", "gpu",
-                             *TINY], capture_output=True, text=True, timeout=120)
+    result = run_cli("bench", "train", "--device", "gpu", *TINY)
     assert result.returncode == 2 and "device='gpu' was requested" in result.stderr

@@ -1,19 +1,15 @@
 """`python -m minigpt2 info` and the command-line dispatcher."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.info import activation_floats, estimate_memory, flops_per_token
+from helpers import run_cli
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minigpt2", *args], capture_output=True, text=True,
-                          timeout=120)
 
 
 def test_info_gpt2_xl():

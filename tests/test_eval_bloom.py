@@ -3,14 +3,13 @@ false-positive rate, normalisation, streaming, files, and the ``overlap`` comman
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from minigpt2.eval import overlap
 from minigpt2.eval.bloom import BloomFilter, normalize, optimal_size, text_ngram_hashes
+from helpers import run_cli
 
 
 def random_words(n, seed, prefix="w", vocab=20_000):
@@ -21,9 +20,6 @@ def random_words(n, seed, prefix="w", vocab=20_000):
     return " ".join(names[rng.integers(0, vocab, size=n)].tolist())
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minigpt2", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
 
 
 # --- sizing ---------------------------------------------------------------------------------------

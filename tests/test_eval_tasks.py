@@ -3,8 +3,6 @@ LAMBADA on a model that memorised its passages, CBT's planted answer, the prompt
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from minigpt2.eval import cbt, lambada, perplexity, prompts
 from minigpt2.eval.cbt import score_candidates
 from minigpt2.eval.common import load_model
 from minigpt2.eval.perplexity import windows, wikitext_detokenize
+from helpers import run_cli
 
 PASSAGES = [
     "the old fisherman pulled his net from the sea and found a golden key",
@@ -36,9 +35,6 @@ PASSAGES = [
 STOP = ["every night she looked at the moon"] * 2 + ["every night she looked at saturn"]
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minigpt2", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
