@@ -21,6 +21,14 @@ import math
 import numpy as np
 
 from .backend import array_module, block_slices, scatter_add_rows
+from .backend import fused_kernels as _fused   # kernels.py on the GPU, None on the CPU
+
+
+def _half(a):
+    """True for a float16 array (mixed precision). NumPy has no fast float16 arithmetic, so the
+    CPU forms compute those in float32 and round the results back; the GPU kernels do the same
+    in registers."""
+    return a.dtype == np.float16
 
 # ----------------------------------------------------------------------------------------------
 # token + position embedding
@@ -96,8 +104,16 @@ def layernorm_backward(dout, cache):
 
 def layernorm_forward_fast(x, w, b, eps=1e-5):
     """``layernorm_forward`` block by block (``row_blocks``), each pass in place in the output's
-    block while it sits in cache. Same cache (x, w, mean, rstd); tested equal."""
+    block while it sits in cache. Same cache (x, w, mean, rstd); tested equal. On the GPU: the
+    fused kernel (``kernels.layernorm_forward``)."""
     xp = array_module(x)
+    kernels = _fused(xp)
+    if kernels is not None:
+        return kernels.layernorm_forward(x, w, b, eps)
+    if _half(x):
+        out, cache = layernorm_forward_fast(x.astype(np.float32), w.astype(np.float32),
+                                            b.astype(np.float32), eps)
+        return out.astype(np.float16), cache
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
     out = xp.empty_like(x2)
@@ -118,9 +134,15 @@ def layernorm_forward_fast(x, w, b, eps=1e-5):
 
 def layernorm_backward_fast(dout, cache):
     """``layernorm_backward`` block by block, in place; dw and db are summed block by block.
-    Tested equal to the readable form."""
+    Tested equal to the readable form. On the GPU: ``kernels.layernorm_backward``."""
     x, w, mean, rstd = cache
     xp = array_module(x)
+    kernels = _fused(xp)
+    if kernels is not None:
+        return kernels.layernorm_backward(dout, cache)
+    if _half(dout):
+        dx, dw, db = layernorm_backward_fast(dout.astype(np.float32), cache)
+        return dx.astype(np.float16), dw, db
     C = x.shape[-1]
     x2, d2 = x.reshape(-1, C), dout.reshape(-1, C)
     mean, rstd = mean.reshape(-1, 1), rstd.reshape(-1, 1)
@@ -210,8 +232,15 @@ def gelu_forward_fast(x):
     with th = tanh(u), u = K (x + A x^3), du/dx = K (1 + 3 A x^2), and 1 - th^2 written as
     (1 - th)(1 + th). Runs block by block (``row_blocks``) with in-place passes; the cache has
     the size of the readable form's (one array like x). Tested equal to the readable form.
+    On the GPU: one fused kernel (``kernels.gelu_forward``).
     """
     xp = array_module(x)
+    kernels = _fused(xp)
+    if kernels is not None:
+        return kernels.gelu_forward(x)
+    if _half(x):
+        out, dgelu = gelu_forward_fast(x.astype(np.float32))
+        return out.astype(np.float16), dgelu.astype(np.float16)
     x2 = x.reshape(-1, x.shape[-1])
     out, dgelu = xp.empty_like(x2), xp.empty_like(x2)
     for rows in row_blocks(x2):
@@ -355,15 +384,23 @@ def _qkv_heads(qkv, n_head):
 def attention_forward_fast(qkv, n_head, dropout_p=0.0, rng=None):
     """``attention_forward`` with fewer passes over the (B, H, T, T) scores: the scale goes into
     q (T*hs numbers instead of T*T), the mask is added in place, and the softmax runs in place in
-    the scores' buffer. Tested equal to the readable form."""
+    the scores' buffer. Tested equal to the readable form. On the GPU the scale, the mask and
+    the softmax are one fused kernel (``kernels.causal_softmax_forward``)."""
     xp = array_module(qkv)
+    kernels = _fused(xp)
+    if kernels is None and _half(qkv):
+        y, cache = attention_forward_fast(qkv.astype(np.float32), n_head, dropout_p, rng)
+        return y.astype(np.float16), cache
     q, k, v = _qkv_heads(qkv, n_head)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    att = (q * scale) @ k.transpose(0, 1, 3, 2)                           # (B, H, T, T)
-    att += causal_mask_bias(xp, att.shape[-1], att.dtype)
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    if kernels is not None:
+        att = kernels.causal_softmax_forward(q @ k.transpose(0, 1, 3, 2), scale)
+    else:
+        att = (q * scale) @ k.transpose(0, 1, 3, 2)                       # (B, H, T, T)
+        att += causal_mask_bias(xp, att.shape[-1], att.dtype)
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
     att_d, mask = dropout_forward(att, dropout_p, rng)
     y = _merge_heads(att_d @ v)                                           # (B, T, C)
     return y, (q, k, v, att, mask, scale)
@@ -372,24 +409,40 @@ def attention_forward_fast(qkv, n_head, dropout_p=0.0, rng=None):
 def attention_backward_fast(dy, cache):
     """``attention_backward`` for ``attention_forward_fast``'s cache: the softmax backward runs in
     place in d att's buffer, and dq, dk, dv are written straight into their slices of dqkv
-    instead of being merged and concatenated. Tested equal to the readable form."""
+    instead of being merged and concatenated. Tested equal to the readable form. On the GPU the
+    softmax backward is one fused kernel (``kernels.causal_softmax_backward``)."""
     q, k, v, att, mask, scale = cache
     xp = array_module(dy)
+    kernels = _fused(xp)
+    if kernels is None and _half(dy):
+        return attention_backward_fast(dy.astype(np.float32), cache).astype(np.float16)
     B, H, T, hs = q.shape
     dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
     dqkv = xp.empty((B, T, 3, H, hs), dtype=dy.dtype)
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
     att_d = att if mask is None else att * mask
-    dv[...] = att_d.transpose(0, 1, 3, 2) @ dyh
+    if kernels is not None:
+        # CuPy's batched matmul copies a transposed operand into C order first, which for
+        # att^T would be a copy of the whole (B, H, T, T) array: (a^T b)^T = b^T a moves the
+        # transpose onto the small (T, hs) operands instead
+        dv[...] = (dyh.transpose(0, 1, 3, 2) @ att_d).transpose(0, 1, 3, 2)
+    else:
+        dv[...] = att_d.transpose(0, 1, 3, 2) @ dyh
     ds = dyh @ v.transpose(0, 1, 3, 2)                                    # d att_d (B, H, T, T)
     if mask is not None:
         ds *= mask
-    row = xp.einsum("bhij,bhij->bhi", ds, att)[..., None]               # sum_j datt * att
-    ds -= row
-    ds *= att                                                             # ds = att * (datt - row)
+    if kernels is not None:
+        kernels.causal_softmax_backward(ds, att)
+    else:
+        row = xp.einsum("bhij,bhij->bhi", ds, att)[..., None]           # sum_j datt * att
+        ds -= row
+        ds *= att                                                         # ds = att * (datt - row)
     dq[...] = ds @ k
     dq *= scale
-    dk[...] = ds.transpose(0, 1, 3, 2) @ q
+    if kernels is not None:                       # as for dv: no copy of ds^T
+        dk[...] = (q.transpose(0, 1, 3, 2) @ ds).transpose(0, 1, 3, 2)
+    else:
+        dk[...] = ds.transpose(0, 1, 3, 2) @ q
     dk *= scale
     return dqkv.reshape(B, T, 3 * H * hs)
 
@@ -460,3 +513,29 @@ def cross_entropy_backward(dloss, cache):
     d *= valid[:, None] * (dloss / n_valid)
     return d.reshape(shape)
 
+
+
+def cross_entropy_forward_fast(logits, targets):
+    """``cross_entropy_forward`` as the model calls it: on the GPU one fused kernel
+    (``kernels.cross_entropy_forward``, which keeps the log-sum-exp instead of the (N, V)
+    probabilities); on the CPU the readable form, in float32 for float16 logits.
+    The loss is float32 for float16 logits (float64 for float64)."""
+    kernels = _fused(array_module(logits))
+    if kernels is not None:
+        loss, cache = kernels.cross_entropy_forward(logits, targets)
+        return loss, (kernels, cache)
+    if _half(logits):
+        loss, cache = cross_entropy_forward(logits.astype(np.float32), targets)
+        return loss, (None, cache)
+    loss, cache = cross_entropy_forward(logits, targets)
+    return loss, (None, cache)
+
+
+def cross_entropy_backward_fast(dloss, cache, dtype=None):
+    """The backward matching ``cross_entropy_forward_fast``; dloss may be a 0-d device array.
+    -> dlogits (B, T, V) in ``dtype`` (default: the cache's)."""
+    kernels, cache = cache
+    if kernels is not None:
+        return kernels.cross_entropy_backward(dloss, cache)
+    d = cross_entropy_backward(dloss, cache)
+    return d if dtype is None else d.astype(dtype, copy=False)

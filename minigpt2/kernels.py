@@ -1,0 +1,437 @@
+"""Fused CUDA kernels for the GPU path (CuPy), each beside the readable ``xp`` code it replaces.
+
+Why fuse: written with array operations, LayerNorm makes about ten passes over its (N, C) input
+(mean, subtract, square, mean, rsqrt, multiply, multiply, add ...), each a kernel launch that reads
+and writes the whole array in GPU memory. The step is limited by those bytes, not by arithmetic.
+A fused kernel reads its inputs once, keeps the intermediates in registers, and writes its
+outputs once. Each function here computes exactly what a function of ``layers.py`` or ``optim.py``
+computes (named in its docstring) and ``tests/test_gpu_kernels.py`` tests them equal on the GPU.
+
+Types: float32 and float64 arrays are computed in their own precision; float16 arrays (mixed
+precision) are loaded into float32 registers, computed in float32, and rounded to float16 once
+on the way out. Row statistics (LayerNorm's mean and rstd, the softmax's log-sum-exp) are kept in
+float32 (float64 for float64 input).
+
+This module imports CuPy at import time: ``layers.py`` imports it only when an array is a CuPy
+array, so the CPU path never needs CuPy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cupy as cp
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------
+# shared CUDA source: the accumulation type, float16 loads and stores, warp reductions
+
+_COMMON = r"""
+// Acc<T>::type is what a value of storage type T is computed in.
+template<class T> struct Acc { typedef float type; };
+template<> struct Acc<double> { typedef double type; };
+
+// float16 is passed as raw 16-bit words (unsigned short) and converted with the PTX instructions,
+// so no CUDA header is needed.
+__device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ double load(const double* p, long long i) { return p[i]; }
+__device__ __forceinline__ float load(const unsigned short* p, long long i) {
+    float f; unsigned short h = p[i];
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(double* p, long long i, double v) { p[i] = v; }
+__device__ __forceinline__ void store(unsigned short* p, long long i, float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p[i] = h;
+}
+
+// -infinity, spelled without a header
+template<class A> __device__ __forceinline__ A neg_inf();
+template<> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
+template<> __device__ __forceinline__ double neg_inf<double>() {
+    return __longlong_as_double((long long)0xfff0000000000000ULL);
+}
+
+// Sum / max over the 32 lanes of a warp; every lane gets the result.
+template<class A> __device__ __forceinline__ A warp_sum(A v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+template<class A> __device__ __forceinline__ A warp_max(A v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+"""
+
+# One warp per row: a row of C (LayerNorm) or T (attention) values is read by 32 lanes, each
+# taking every 32nd element, and the row's sums are warp shuffles (no shared memory, no barrier).
+_ROWS_PER_BLOCK = 8
+_THREADS = 32 * _ROWS_PER_BLOCK
+
+_ROW_KERNELS = _COMMON + r"""
+// ---- LayerNorm forward: layers.layernorm_forward ------------------------------------------
+// x, out (N, C); w, b (C,); mean, rstd (N,) in the accumulation type.
+template<class T>
+__global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__ w,
+                                  const T* __restrict__ b, T* __restrict__ out,
+                                  typename Acc<T>::type* __restrict__ mean,
+                                  typename Acc<T>::type* __restrict__ rstd,
+                                  int N, int C, double eps) {
+    typedef typename Acc<T>::type A;
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const T* xr = x + (long long)row * C;
+    A s = 0;
+    for (int c = lane; c < C; c += 32) s += load(xr, c);
+    A m = warp_sum(s) / C;
+    A v = 0;                                   // the variance from x - mean: two passes over
+    for (int c = lane; c < C; c += 32) {       // the row (in cache) rather than E[x^2] - m^2,
+        A d = load(xr, c) - m;                 // which cancels badly when |mean| >> std
+        v += d * d;
+    }
+    A r = A(1) / sqrt(warp_sum(v) / C + A(eps));
+    T* o = out + (long long)row * C;
+    for (int c = lane; c < C; c += 32)
+        store(o, c, (load(xr, c) - m) * r * A(load(w, c)) + A(load(b, c)));
+    if (lane == 0) { mean[row] = m; rstd[row] = r; }
+}
+
+// ---- LayerNorm backward: layers.layernorm_backward ----------------------------------------
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w, per row;
+// dw += dout * xhat and db += dout summed over rows: first in shared memory per block, then one
+// atomic add per block and column into dw, db (N, C) -> (C,), which must start at zero.
+template<class T>
+__global__ void layernorm_backward(const T* __restrict__ dout, const T* __restrict__ x,
+                                   const T* __restrict__ w,
+                                   const typename Acc<T>::type* __restrict__ mean,
+                                   const typename Acc<T>::type* __restrict__ rstd,
+                                   T* __restrict__ dx, typename Acc<T>::type* dw,
+                                   typename Acc<T>::type* db, int N, int C) {
+    typedef typename Acc<T>::type A;
+    extern __shared__ unsigned char smem[];
+    A* sdw = reinterpret_cast<A*>(smem);
+    A* sdb = sdw + C;
+    for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) sdw[c] = 0;
+    __syncthreads();
+    int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < N; row += gridDim.x * warps) {
+        const T* xr = x + (long long)row * C;
+        const T* dr = dout + (long long)row * C;
+        A m = mean[row], r = rstd[row];
+        A s1 = 0, s2 = 0;
+        for (int c = lane; c < C; c += 32) {
+            A xh = (load(xr, c) - m) * r, d = load(dr, c), g = d * A(load(w, c));
+            s1 += g;
+            s2 += g * xh;
+            atomicAdd(&sdw[c], d * xh);
+            atomicAdd(&sdb[c], d);
+        }
+        s1 = warp_sum(s1) / C;
+        s2 = warp_sum(s2) / C;
+        T* o = dx + (long long)row * C;
+        for (int c = lane; c < C; c += 32) {
+            A xh = (load(xr, c) - m) * r, g = A(load(dr, c)) * A(load(w, c));
+            store(o, c, r * (g - s1 - xh * s2));
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        atomicAdd(&dw[c], sdw[c]);
+        atomicAdd(&db[c], sdb[c]);
+    }
+}
+
+// ---- causal softmax forward: the softmax of layers.attention_forward -----------------------
+// att (R, T) holds the scores q @ k^T of R = B*H*T rows; row r is query i = r % T. In place:
+// att[r, j] = exp(scale*s_j - max) / sum_{j'<=i} exp(scale*s_j' - max) for j <= i, 0 for j > i.
+// The masked half is never exponentiated; the scale 1/sqrt(hs) is applied here, on the way.
+template<class T>
+__global__ void causal_softmax_forward(T* att, long long R, int T_, double scale) {
+    typedef typename Acc<T>::type A;
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= R) return;
+    int i = (int)(row % T_);
+    T* a = att + row * T_;
+    A mx = neg_inf<A>();
+    for (int j = lane; j <= i; j += 32) mx = fmax(mx, A(load(a, j)) * A(scale));
+    mx = warp_max(mx);
+    A s = 0;
+    for (int j = lane; j <= i; j += 32) s += exp(A(load(a, j)) * A(scale) - mx);
+    A inv = A(1) / warp_sum(s);
+    for (int j = lane; j < T_; j += 32)
+        store(a, j, j <= i ? exp(A(load(a, j)) * A(scale) - mx) * inv : A(0));
+}
+
+// ---- causal softmax backward: the softmax part of layers.attention_backward ----------------
+// In place in datt (R, T): ds[r, j] = att[r, j] * (datt[r, j] - sum_j' datt[r, j'] att[r, j']),
+// zero above the diagonal (att is zero there).
+template<class T>
+__global__ void causal_softmax_backward(T* datt, const T* __restrict__ att, long long R, int T_) {
+    typedef typename Acc<T>::type A;
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= R) return;
+    int i = (int)(row % T_);
+    T* d = datt + row * T_;
+    const T* a = att + row * T_;
+    A s = 0;
+    for (int j = lane; j <= i; j += 32) s += A(load(d, j)) * A(load(a, j));
+    s = warp_sum(s);
+    for (int j = lane; j < T_; j += 32)
+        store(d, j, j <= i ? A(load(a, j)) * (A(load(d, j)) - s) : A(0));
+}
+
+// ---- softmax + cross-entropy forward: layers.cross_entropy_forward --------------------------
+// One block per row of logits (N, V). Each thread keeps a running (max, sum of exp(z - max)) over
+// its columns, rescaling the sum when the max grows ("online softmax"), so the row is read once;
+// the block then merges the pairs. lse[n] = log sum_j exp(z_nj); nll[n] = lse[n] - z[n, t_n], or 0
+// where t_n == -1 (ignored).
+template<class A>
+__device__ __forceinline__ void merge(A& m, A& s, A m2, A s2) {
+    if (m2 == neg_inf<A>()) return;
+    if (m == neg_inf<A>()) { m = m2; s = s2; return; }
+    A mx = fmax(m, m2);
+    s = s * exp(m - mx) + s2 * exp(m2 - mx);
+    m = mx;
+}
+
+template<class T>
+__global__ void cross_entropy_forward(const T* __restrict__ logits,
+                                      const long long* __restrict__ targets,
+                                      typename Acc<T>::type* lse, typename Acc<T>::type* nll,
+                                      int V) {
+    typedef typename Acc<T>::type A;
+    __shared__ A sm[32], ss[32];
+    const T* z = logits + (long long)blockIdx.x * V;
+    A m = neg_inf<A>(), s = 0;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        A v = load(z, j);
+        if (v > m) { s = s * exp(m - v) + A(1); m = v; }
+        else s += exp(v - m);
+    }
+    for (int o = 16; o > 0; o >>= 1)
+        merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x / 32;
+        m = lane < nw ? sm[lane] : neg_inf<A>();
+        s = lane < nw ? ss[lane] : A(0);
+        for (int o = 16; o > 0; o >>= 1)
+            merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+        if (lane == 0) {
+            A l = m + log(s);
+            long long t = targets[blockIdx.x];
+            lse[blockIdx.x] = l;
+            nll[blockIdx.x] = t < 0 ? A(0) : l - A(load(z, t));
+        }
+    }
+}
+"""
+
+_STORAGE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+            np.dtype(np.float16): "unsigned short"}
+_NAMES = ("layernorm_forward", "layernorm_backward", "causal_softmax_forward",
+          "causal_softmax_backward", "cross_entropy_forward")
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    """The row kernels, compiled once per process (NVRTC; CuPy caches the binary on disk)."""
+    names = [f"{n}<{t}>" for n in _NAMES for t in _STORAGE.values()]
+    return cp.RawModule(code=_ROW_KERNELS, options=("--std=c++17",), name_expressions=names)
+
+
+def _kernel(name, dtype):
+    return _module().get_function(f"{name}<{_STORAGE[np.dtype(dtype)]}>")
+
+
+def _acc_dtype(dtype):
+    """The dtype row statistics are kept in: float64 for float64, float32 otherwise."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _check(*arrays):
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            raise ValueError("the fused kernels need C-contiguous arrays")
+        if a.dtype not in _STORAGE:
+            raise ValueError(f"the fused kernels take float16/32/64 arrays, got {a.dtype}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count():
+    return cp.cuda.Device().attributes["MultiProcessorCount"]
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """Fused ``layers.layernorm_forward``: one warp per row computes mean and rstd with warp
+    sums and writes the normalised row; 1 read of x for each statistic and 1 write, instead of
+    about ten passes. x (..., C) -> out (..., C), cache (x, w, mean, rstd) with mean and rstd
+    (..., 1) as in the readable form."""
+    x = cp.ascontiguousarray(x)
+    _check(x, w, b)
+    C = x.shape[-1]
+    N = x.size // C
+    out = cp.empty_like(x)
+    acc = _acc_dtype(x.dtype)
+    mean = cp.empty(N, dtype=acc)
+    rstd = cp.empty(N, dtype=acc)
+    _kernel("layernorm_forward", x.dtype)(
+        ((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (_THREADS,),
+        (x, w, b, out, mean, rstd, np.int32(N), np.int32(C), np.float64(eps)))
+    lead = x.shape[:-1] + (1,)
+    return out, (x, w, mean.reshape(lead), rstd.reshape(lead))
+
+
+def layernorm_backward(dout, cache):
+    """Fused ``layers.layernorm_backward``: per row, one pass for the two row sums and the
+    column partial sums of dw and db (kept in shared memory per block), one pass writing dx.
+    -> dx (..., C), dw (C,), db (C,) (dw and db in the statistics' dtype: float32 for float16)."""
+    x, w, mean, rstd = cache
+    dout = cp.ascontiguousarray(dout, dtype=x.dtype)
+    _check(dout, x, w)
+    C = x.shape[-1]
+    N = x.size // C
+    acc = _acc_dtype(x.dtype)
+    dx = cp.empty_like(x)
+    dw = cp.zeros(C, dtype=acc)
+    db = cp.zeros(C, dtype=acc)
+    # enough blocks to fill the GPU a few times over; each then loops over many rows, so the
+    # per-block partial sums of dw and db are few
+    blocks = max(1, min((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, 4 * _sm_count()))
+    _kernel("layernorm_backward", x.dtype)(
+        (blocks,), (_THREADS,),
+        (dout, x, w, mean.reshape(-1), rstd.reshape(-1), dx, dw, db, np.int32(N), np.int32(C)),
+        shared_mem=2 * C * acc.itemsize)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU: one elementwise kernel writes gelu(x) and gelu'(x) (layers.gelu_forward_fast's pair)
+
+_gelu = cp.ElementwiseKernel(
+    "T x", "T y, T d",
+    """
+    typedef typename Acc<T>::type A;
+    const A K = 0.7978845608028654, C3 = 0.044715;   // sqrt(2/pi), GPT-2's cubic coefficient
+    A xa = (A)x;
+    A x3 = xa * xa * xa;
+    A th = tanh(K * (xa + C3 * x3));
+    y = (T)(A(0.5) * xa * (A(1) + th));
+    // gelu'(x) = 0.5 (1 + th) (1 + (1 - th) x du/dx),  x du/dx = K (x + 3 C3 x^3)
+    d = (T)(A(0.5) * (A(1) + th) * (A(1) + (A(1) - th) * K * (xa + A(3) * C3 * x3)));
+    """,
+    "minigpt2_gelu", preamble="template<class T> struct Acc { typedef float type; };\n"
+                              "template<> struct Acc<double> { typedef double type; };")
+
+
+def gelu_forward(x):
+    """Fused ``layers.gelu_forward_fast``: one read of x, one write each of gelu(x) and gelu'(x),
+    instead of fourteen element-wise passes. -> (out, gelu'(x))."""
+    return _gelu(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# causal attention softmax
+
+
+def causal_softmax_forward(att, scale):
+    """In place: att (B, H, T, T) scores q @ k^T -> softmax(scale * scores) over keys j <= i, 0
+    above the diagonal. Fuses the scale, the mask, max, exp, sum and division of
+    ``layers.attention_forward`` into one kernel that skips the masked half."""
+    _check(att)
+    T = att.shape[-1]
+    R = att.size // T
+    blocks = (R + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
+    _kernel("causal_softmax_forward", att.dtype)(
+        (blocks,), (_THREADS,), (att, np.int64(R), np.int32(T), np.float64(scale)))
+    return att
+
+
+def causal_softmax_backward(datt, att):
+    """In place: datt (B, H, T, T) -> ds = att * (datt - rowsum(datt * att)), the softmax
+    backward of ``layers.attention_backward`` in one kernel (the readable form takes four
+    passes over the T x T scores)."""
+    _check(datt, att)
+    T = att.shape[-1]
+    R = att.size // T
+    blocks = (R + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
+    _kernel("causal_softmax_backward", att.dtype)(
+        (blocks,), (_THREADS,), (datt, att, np.int64(R), np.int32(T)))
+    return datt
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax + cross-entropy
+
+
+def cross_entropy_forward(logits, targets):
+    """Fused ``layers.cross_entropy_forward``: one block per row reads the V logits once (online
+    max and sum of exponentials) and writes the row's log-sum-exp and loss. The probabilities are
+    not stored: the backward recomputes them from the logits and the log-sum-exp, which costs a
+    read instead of keeping a second (N, V) array. -> (loss 0-d, cache)."""
+    logits = cp.ascontiguousarray(logits)
+    _check(logits)
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V)
+    t = cp.ascontiguousarray(targets.reshape(-1), dtype=cp.int64)
+    N = z.shape[0]
+    acc = _acc_dtype(logits.dtype)
+    lse = cp.empty(N, dtype=acc)
+    nll = cp.empty(N, dtype=acc)
+    _kernel("cross_entropy_forward", logits.dtype)((N,), (512,), (z, t, lse, nll, np.int32(V)))
+    n_valid = (t != -1).sum().astype(acc)
+    loss = nll.sum() / n_valid
+    return loss, (z, t, lse, n_valid, logits.shape)
+
+
+_ce_backward = cp.ElementwiseKernel(
+    "raw T z, raw A lse, raw int64 t, raw A scale, int64 V", "T d",
+    """
+    long long row = i / V, col = i - row * V, target = t[row];
+    A p = target < 0 ? A(0) : exp(A(z[i]) - lse[row]) - (col == target ? A(1) : A(0));
+    d = (T)(p * scale[0]);
+    """,
+    "minigpt2_cross_entropy_backward")
+
+
+def cross_entropy_backward(dloss, cache, out=None):
+    """Fused ``layers.cross_entropy_backward``: dlogits = (softmax - onehot) * dloss / n_valid,
+    the softmax recomputed as exp(z - lse) in the same pass. dloss: a number or a 0-d array
+    (it stays on the device). -> dlogits (B, T, V), in ``out`` if given (it may be the logits'
+    own buffer when they are no longer needed)."""
+    z, t, lse, n_valid, shape = cache
+    scale = (cp.asarray(dloss, dtype=lse.dtype) / n_valid).reshape(1)
+    d = cp.empty_like(z) if out is None else out.reshape(z.shape)
+    _ce_backward(z, lse, t, scale, np.int64(z.shape[1]), d)
+    return d.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# AdamW: one pass over p, g, m, v per parameter (optim.AdamW.step's ten passes)
+
+_adamw = cp.ElementwiseKernel(
+    "T g, T decay, T beta1, T beta2, T step, T eps_hat", "T p, T m, T v",
+    """
+    m = beta1 * m + (T(1) - beta1) * g;
+    v = beta2 * v + (T(1) - beta2) * g * g;
+    p = p * decay - step * m / (sqrt(v) + eps_hat);
+    """,
+    "minigpt2_adamw")
+
+
+def adamw_update(p, g, m, v, decay, beta1, beta2, step, eps_hat):
+    """In place: p, m, v updated by one AdamW step with the constants folded as in
+    ``optim.AdamW.step``: p <- p * decay - step * m / (sqrt(v) + eps_hat)."""
+    t = p.dtype.type
+    _adamw(g, t(decay), t(beta1), t(beta2), t(step), t(eps_hat), p, m, v)

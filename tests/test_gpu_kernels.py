@@ -1,0 +1,144 @@
+"""The fused CUDA kernels (minigpt2/kernels.py) against the readable layers they replace, and the
+GPU's precisions and recompute against float32 (run only where a GPU is)."""
+
+import numpy as np
+import pytest
+
+from minigpt2 import GPT, AdamW, GPTConfig, backend, layers
+from minigpt2.gradcheck import rel_error
+
+pytestmark = pytest.mark.gpu
+
+cp = pytest.importorskip("cupy")
+kernels = pytest.importorskip("minigpt2.kernels")
+
+TOL = {"float64": 1e-12, "float32": 1e-5}
+
+
+def rand(shape, dtype, seed, scale=1.0):
+    """Fresh random data on the GPU (never zeros: they hide unwritten outputs)."""
+    a = np.random.default_rng(seed).standard_normal(shape) * scale
+    return cp.asarray(a, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("C", [64, 768, 1600])
+def test_layernorm_kernels_match_the_readable_layer(dtype, C):
+    x, w, b = rand((3, 37, C), dtype, 1, 3.0) + 5.0, rand(C, dtype, 2), rand(C, dtype, 3)
+    dout = rand((3, 37, C), dtype, 4)
+    out, cache = layers.layernorm_forward(x, w, b)
+    out_k, cache_k = kernels.layernorm_forward(x, w, b)
+    assert rel_error(out_k, out) < TOL[dtype]
+    for got, want in zip(kernels.layernorm_backward(dout, cache_k),
+                         layers.layernorm_backward(dout, cache)):
+        assert rel_error(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gelu_kernel_matches_the_readable_layer(dtype):
+    x, dout = rand((5, 333), dtype, 1, 3.0), rand((5, 333), dtype, 2)
+    out, cache = layers.gelu_forward(x)
+    out_k, dgelu = kernels.gelu_forward(x)
+    assert rel_error(out_k, out) < TOL[dtype]
+    assert rel_error(dout * dgelu, layers.gelu_backward(dout, cache)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("T", [1, 7, 64, 200])
+def test_attention_with_fused_softmax_matches_the_readable_layer(dtype, T, monkeypatch):
+    H, C = 4, 32
+    qkv, dy = rand((2, T, 3 * C), dtype, 1), rand((2, T, C), dtype, 2)
+    monkeypatch.setattr(backend, "FUSED", False)
+    y, cache = layers.attention_forward(qkv, H)
+    dqkv = layers.attention_backward(dy, cache)
+    monkeypatch.setattr(backend, "FUSED", True)
+    y_k, cache_k = layers.attention_forward_fast(qkv, H)
+    assert rel_error(y_k, y) < TOL[dtype]
+    assert rel_error(layers.attention_backward_fast(dy, cache_k), dqkv) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("V", [5, 97, 50257])
+def test_cross_entropy_kernels_match_the_readable_layer(dtype, V):
+    logits = rand((2, 9, V), dtype, 1, 4.0)
+    targets = cp.asarray(np.random.default_rng(2).integers(0, V, (2, 9)))
+    targets[0, :3] = -1
+    loss, cache = layers.cross_entropy_forward(logits, targets)
+    loss_k, cache_k = kernels.cross_entropy_forward(logits, targets)
+    assert rel_error(loss_k, loss) < TOL[dtype]
+    assert rel_error(kernels.cross_entropy_backward(1.0, cache_k),
+                     layers.cross_entropy_backward(1.0, cache)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_adamw_kernel_matches_the_array_form(dtype, monkeypatch):
+    params = {"w": rand((300, 7), dtype, 1), "b": rand(7, dtype, 2)}
+    twin = {k: v.copy() for k, v in params.items()}
+    opt, opt_array = AdamW(params, lr=1e-2), AdamW(twin, lr=1e-2)
+    for step in range(3):
+        grads = {k: rand(v.shape, dtype, 10 + step) for k, v in params.items()}
+        opt.step(grads)
+        monkeypatch.setattr(backend, "FUSED", False)
+        opt_array.step(grads)
+        monkeypatch.setattr(backend, "FUSED", True)
+    for k in params:
+        assert rel_error(params[k], twin[k]) < TOL[dtype] * 10
+
+
+def test_float16_kernels_follow_float32_within_half_precision():
+    x, w, b = (rand(s, "float32", i) for i, s in enumerate([(64, 768), 768, 768]))
+    out32, _ = kernels.layernorm_forward(x, w, b)
+    out16, cache16 = kernels.layernorm_forward(x.astype(cp.float16), w.astype(cp.float16),
+                                               b.astype(cp.float16))
+    assert out16.dtype == cp.float16 and cache16[2].dtype == cp.float32
+    assert rel_error(out16, out32) < 2e-3
+    g32, d32 = kernels.gelu_forward(x)
+    g16, d16 = kernels.gelu_forward(x.astype(cp.float16))
+    assert rel_error(g16, g32) < 2e-3 and rel_error(d16, d32) < 2e-3
+    logits = rand((16, 1000), "float32", 5, 3.0)
+    targets = cp.arange(16)
+    loss32, c32 = kernels.cross_entropy_forward(logits, targets)
+    loss16, c16 = kernels.cross_entropy_forward(logits.astype(cp.float16), targets)
+    assert loss16.dtype == cp.float32 and rel_error(loss16, loss32) < 1e-3
+    assert rel_error(kernels.cross_entropy_backward(1.0, c16),
+                     kernels.cross_entropy_backward(1.0, c32)) < 2e-3
+
+
+CFG = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=97)
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 97, (4, 32)), rng.integers(0, 97, (4, 32))
+
+
+def grads_of(model):
+    model.forward(*batch())
+    return model.backward()
+
+
+def test_the_model_with_fused_kernels_equals_the_array_code(monkeypatch):
+    fused = grads_of(GPT(CFG, seed=0, device="gpu", dtype="float64"))
+    monkeypatch.setattr(backend, "FUSED", False)
+    plain = grads_of(GPT(CFG, seed=0, device="gpu", dtype="float64"))
+    for name in plain:
+        assert rel_error(fused[name], plain[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("precision,tol", [("tf32", 1e-2), ("float16", 3e-2)])
+def test_reduced_precisions_follow_float32(precision, tol):
+    want = grads_of(GPT(CFG, seed=0, device="gpu"))
+    model = GPT(CFG, seed=0, device="gpu", precision=precision)
+    logits, loss = model.forward(*batch())
+    assert loss.dtype == cp.float32
+    got = model.backward()
+    assert all(g.dtype == cp.float32 for g in got.values())
+    for name in want:
+        assert rel_error(got[name], want[name]) < tol, name
+
+
+def test_recompute_on_the_gpu_gives_the_same_gradients():
+    plain = grads_of(GPT(CFG, seed=0, device="gpu", dtype="float64"))
+    again = grads_of(GPT(CFG, seed=0, device="gpu", dtype="float64", recompute=True))
+    for name in plain:
+        assert rel_error(again[name], plain[name]) < 1e-14, name
