@@ -19,8 +19,17 @@ import math
 import numpy as np
 
 from . import layers
-from .backend import array_module, get_xp, resolve_device, resolve_dtype, upload
+from .backend import array_module, get_xp, resolve_device, resolve_dtype, set_tf32, upload
 from .config import LAYER_NORM_EPS, GPTConfig
+
+# How a forward and backward compute (the weights in model.params keep the model's dtype):
+#   "float32"  float32 everywhere; on the GPU, matrix multiplies in full float32 (no TF32)
+#   "tf32"     the same, with the GPU's matrix multiplies on TF32 tensor cores (GPU only)
+#   "float16"  mixed precision: float16 copies of the float32 weights, float16 activations and
+#              matrix multiplies (on the GPU, TF32 for those CuPy computes in float32); LayerNorm, softmax and the loss computed in float32; the loss
+#              scaled by ``loss_scale`` for the backward and the gradients returned in float32,
+#              unscaled (an overflow shows as non-finite gradients: see optim.LossScaler)
+PRECISIONS = ("float32", "tf32", "float16")
 
 # the parameters of one block, in the order of the Hugging Face checkpoint, with their shapes
 BLOCK_PARAMS = (
@@ -183,23 +192,60 @@ class GPT:
     """
 
     def __init__(self, cfg: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32",
-                 *, params: dict | None = None):
+                 *, params: dict | None = None, precision: str = "float32",
+                 recompute: bool = False):
         if not isinstance(cfg, GPTConfig):
             raise TypeError(f"GPT needs a GPTConfig, got {type(cfg).__name__}")
         self.config = cfg
         self.device = resolve_device(device)
         self.xp = get_xp(self.device)
         self.dtype = resolve_dtype(dtype)
+        self.precision = precision
+        # recompute: keep only each block's input in the forward and run the block's forward
+        # again in the backward, just before its backward: activation memory of one block
+        # instead of n_layer blocks, for about a third more compute
+        self.recompute = bool(recompute)
+        self.loss_scale = 2.0 ** 16 if precision == "float16" else 1.0
+        self.on_block = None   # called with no arguments after each block's forward and backward
         host = params if params is not None else init_params(cfg, seed, self.dtype)
         self.params = {name: self.xp.array(p, dtype=self.dtype) for name, p in host.items()}
         self.training = True
         self.dropout_rng = self._make_rng(seed)
         self._cache = None
 
+    @property
+    def precision(self) -> str:
+        """"float32", "tf32" or "float16": how forward and backward compute (see PRECISIONS)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value):
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+        if value == "tf32" and self.device != "gpu":
+            raise ValueError("precision 'tf32' is a GPU tensor-core mode: use device='gpu', or "
+                             "precision 'float32' on the CPU")
+        if value != "float32" and self.dtype != np.float32:
+            raise ValueError(f"precision {value!r} needs float32 weights, the model's dtype is "
+                             f"{self.dtype.name}")
+        self._precision = value
+
     def _make_rng(self, seed):
         if self.xp is np:
             return np.random.default_rng(seed)
         return self.xp.random.default_rng(seed)
+
+    def _compute_params(self):
+        """The weights the layers multiply with: model.params, or their float16 copies in mixed
+        precision (made each forward, as the float32 masters change every step)."""
+        if self.precision != "float16":
+            return self.params
+        return {name: p.astype(np.float16) for name, p in self.params.items()}
+
+    def _block_rng(self, seed):
+        """The dropout generator of one block under recompute: a fresh one from a seed drawn in
+        the forward, so the backward's second forward draws the same masks."""
+        return None if seed is None else self._make_rng(seed)
 
     def __repr__(self):
         c = self.config
@@ -221,9 +267,10 @@ class GPT:
     def num_params(self) -> int:
         return sum(int(p.size) for p in self.params.values())
 
-    def _block(self, i):
+    def _block(self, i, params=None):
         prefix = f"h.{i}."
-        return {name: self.params[prefix + name] for name, _ in BLOCK_PARAMS}
+        params = self.params if params is None else params
+        return {name: params[prefix + name] for name, _ in BLOCK_PARAMS}
 
     # --- input checks ---------------------------------------------------------------------------
 
@@ -269,8 +316,9 @@ class GPT:
 
         targets (B, T): the id that follows each position; -1 positions are ignored. With targets
         the caches are kept for ``backward()``; the loss is a 0-d array on the model's device.
+        In float16 precision the logits are float16 and the loss float32.
         """
-        cfg, P = self.config, self.params
+        cfg = self.config
         idx = self._ids(idx, "idx")
         if targets is not None:
             targets = self._ids(targets, "targets", targets=True)
@@ -281,51 +329,83 @@ class GPT:
         rng = self.dropout_rng if p > 0 else None
         keep = targets is not None  # keep the activations only when a backward can follow
         self._cache = None
+        # float16: CuPy runs batched (attention) matmuls of float16 arrays in float32, so
+        # those use TF32 too
+        set_tf32(self.xp, self.precision in ("tf32", "float16"))
+        P = self._compute_params()
 
         x, emb = layers.embedding_forward(idx, P["wte.weight"], P["wpe.weight"])  # (B, T, C)
         x, drop = layers.dropout_forward(x, p, rng)
         blocks = []
         for i in range(cfg.n_layer):
-            x, cache = block_forward(x, self._block(i), cfg.n_head, p, rng)
-            if keep:
-                blocks.append(cache)
+            if keep and self.recompute:   # keep the block's input and its dropout seed only
+                seed = None if rng is None else int(rng.integers(0, 2 ** 62))
+                blocks.append((x, seed))
+                x, _ = block_forward(x, self._block(i, P), cfg.n_head, p, self._block_rng(seed))
+            else:
+                x, cache = block_forward(x, self._block(i, P), cfg.n_head, p, rng)
+                if keep:
+                    blocks.append(cache)
+            if self.on_block is not None:
+                self.on_block()
         h, ln_f = layers.layernorm_forward_fast(x, P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
         B, T, C = h.shape
         logits = (h.reshape(-1, C) @ P["wte.weight"].T).reshape(B, T, -1)        # (B, T, V)
         if targets is None:
             return logits, None
-        loss, ce = layers.cross_entropy_forward(logits, targets)
-        self._cache = (emb, drop, blocks, ln_f, h, ce)
+        loss, ce = layers.cross_entropy_forward_fast(logits, targets)
+        self._cache = (P, p, emb, drop, blocks, ln_f, h, ce)
         return logits, loss
 
     def backward(self) -> dict:
         """Gradients of the last forward's loss: a dict with the keys and shapes of ``params``.
 
         The caches are released afterwards, so each forward allows one backward.
+        In float16 precision the loss is multiplied by ``loss_scale`` before the backward, so
+        that small gradients do not underflow float16, and the gradients are divided by it again
+        (in float32) at the end: the result is d(loss)/d(param) in float32 all the same, with
+        non-finite values where float16 overflowed.
         """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(idx, targets) just before it: there is "
                                "no loss to differentiate (forward without targets keeps none)")
-        emb, drop, blocks, ln_f, h, ce = self._cache
+        P, p, emb, drop, blocks, ln_f, h, ce = self._cache
         self._cache = None
-        P, C = self.params, self.config.n_embd
+        cfg, C = self.config, self.config.n_embd
+        mixed = self.precision == "float16"
+        scale = self.loss_scale if mixed else 1.0
         grads = {}
-        dlogits = layers.cross_entropy_backward(1.0, ce)                          # (B, T, V)
+        dlogits = layers.cross_entropy_backward_fast(scale, ce, h.dtype)          # (B, T, V)
+        del ce   # (with the caller's reference gone, the logits are freed here, not at the end)
         # logits = h @ wte^T: the tied LM head's share of wte's gradient
         dlogits = dlogits.reshape(-1, dlogits.shape[-1])                          # (N, V)
         dwte_head = dlogits.T @ h.reshape(-1, C)                                  # (V, C)
         dh = (dlogits @ P["wte.weight"]).reshape(h.shape)                         # (B, T, C)
         del dlogits
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layernorm_backward_fast(dh, ln_f)
-        for i in reversed(range(self.config.n_layer)):
-            dx, g = block_backward(dx, blocks[i])
+        for i in reversed(range(cfg.n_layer)):
+            cache = blocks[i]
             blocks[i] = None  # free this block's activations as soon as they are used
+            if self.recompute:
+                x, seed = cache
+                _, cache = block_forward(x, self._block(i, P), cfg.n_head, p, self._block_rng(seed))
+            dx, g = block_backward(dx, cache)
+            del cache
             for name, value in g.items():
                 grads[f"h.{i}.{name}"] = value
+            if self.on_block is not None:
+                self.on_block()
         dx = layers.dropout_backward(dx, drop)
-        # wte is used twice, as the embedding and as the LM head: its gradients add
+        # wte is used twice, as the embedding and as the LM head: its gradients add (in float32
+        # under mixed precision: a token's rows are summed into one)
+        if mixed:
+            dwte_head, dx = dwte_head.astype(np.float32), dx.astype(np.float32)
         grads["wte.weight"], grads["wpe.weight"] = layers.embedding_backward(dx, emb, dwte_head)
-        return {name: grads[name] for name in P}
+        if mixed:
+            xp = self.xp
+            for name, g in grads.items():   # back to d(loss)/d(param), in float32
+                grads[name] = xp.multiply(g, 1.0 / scale, dtype=np.float32)
+        return {name: grads[name] for name in self.params}
 
     # --- generation with a KV cache ---------------------------------------------------------------
 

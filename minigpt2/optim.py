@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module, block_slices
+from .backend import array_module, block_slices, fused_kernels
 
 
 class AdamW:
@@ -62,6 +62,11 @@ class AdamW:
                 raise ValueError(f"grad {name} has shape {tuple(g.shape)}, param {tuple(p.shape)}")
             xp = array_module(p)
             decay = 1.0 - self.lr * self.weight_decay if p.ndim >= 2 else 1.0
+            kernels = fused_kernels(xp)
+            if kernels is not None:   # on the GPU: the lines below in one pass (kernels.py)
+                kernels.adamw_update(p, xp.ascontiguousarray(g, dtype=p.dtype), self.m[name],
+                                     self.v[name], decay, beta1, beta2, step, eps_hat)
+                continue
             pf, gf, mf, vf = (a.reshape(-1) for a in (p, g, self.m[name], self.v[name]))
             # block by block, so the ten passes below run in cache (one block on a GPU)
             for s in block_slices(xp, pf.size, 4 * pf.itemsize):
@@ -118,3 +123,46 @@ def clip_grad_norm(grads: dict, max_norm: float):
     for g in values:
         g *= coef
     return total
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 mixed precision (Micikevicius et al., "Mixed Precision
+    Training", 2018).
+
+    float16 cannot represent gradients below about 6e-8: many of a transformer's would round to
+    zero. The backward therefore starts from the loss times a large ``scale`` (``GPT.loss_scale``)
+    and divides the float32 gradients by it at the end. Too large a scale overflows float16's
+    maximum (65504) instead: the gradients come out inf or NaN, the step is skipped and the scale
+    halved. After ``growth_interval`` good steps in a row it is doubled again, so it stays near
+    the largest value that does not overflow.
+    """
+
+    def __init__(self, scale=2.0 ** 16, growth_interval=2000, min_scale=1.0):
+        if not scale > 0:
+            raise ValueError(f"the loss scale must be > 0, got {scale!r}")
+        self.scale = float(scale)
+        self.growth_interval = int(growth_interval)
+        self.min_scale = float(min_scale)
+        self.good_steps = 0
+        self.skipped = 0
+
+    def update(self, finite: bool) -> bool:
+        """Record whether this step's gradients were finite; returns whether to apply the step."""
+        if not finite:
+            self.skipped += 1
+            self.good_steps = 0
+            self.scale = max(self.scale / 2.0, self.min_scale)
+            return False
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= 2.0
+            self.good_steps = 0
+        return True
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])
+        self.skipped = int(state["skipped"])

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, data
-from .backend import keep_freed_memory_for_reuse, resolve_device, resolve_dtype
+from .backend import array_module, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
-from .model import GPT
-from .optim import AdamW, clip_grad_norm
+from .model import GPT, PRECISIONS
+from .optim import AdamW, LossScaler, clip_grad_norm
 
 METRICS = "metrics.jsonl"
 
@@ -75,6 +75,8 @@ class TrainConfig:
     log_interval: int = 10
     device: str = "cpu"
     dtype: str = "float32"
+    precision: str = "float32"          # "float32" | "tf32" (GPU) | "float16" (mixed precision)
+    recompute: bool = False             # recompute each block's activations in the backward
     seed: int = 1337
     out: str = "out"
     sample_tokens: int = 500            # printed at the end of the run (0: none)
@@ -107,13 +109,19 @@ class TrainConfig:
             raise ValueError(f"unknown --tokenizer {self.tokenizer!r}; choose one of "
                              f"{', '.join(data.TOKENIZERS)}")
         resolve_dtype(self.dtype)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown --precision {self.precision!r}; choose one of "
+                             f"{', '.join(PRECISIONS)}")
+        if self.precision != "float32" and self.dtype != "float32":
+            raise ValueError(f"--precision {self.precision} keeps float32 master weights: use it "
+                             "with --dtype float32")
         if self.sample_tokens < 0:
             raise ValueError("--sample-tokens must be >= 0")
 
 
 # settings a resumed run may change; the rest must stay as saved, or the run would not continue
 RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",
-                    "sample_tokens", "cache_dir", "out")
+                    "sample_tokens", "cache_dir", "out", "precision", "recompute")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,22 +159,29 @@ def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int) -> dict:
     return out
 
 
-def _global_norm(grads: dict) -> float:
-    return math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+def _global_norm(grads: dict):
+    """sqrt(sum of g^2 over every gradient), a 0-d array on the gradients' device."""
+    values = list(grads.values())
+    xp = array_module(values[0])
+    return xp.sqrt(sum((g * g).sum() for g in values))
 
 
-def train_step(model, opt, next_batch, cfg: TrainConfig, step: int) -> tuple[float, float]:
+def train_step(model, opt, next_batch, cfg: TrainConfig, step: int,
+               scaler: LossScaler | None = None) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm).
 
     d(mean of the micro losses)/dθ = mean of their gradients, so the sums are scaled by
-    1/grad_accum. A non-finite loss or gradient raises before any parameter changes."""
-    total, losses = None, []
+    1/grad_accum. A non-finite loss or gradient raises before any parameter changes: loss and
+    norm stay on the device until then, and reading them is the step's one wait for the GPU.
+    In float16 mixed precision pass the run's ``LossScaler``: a step whose gradients overflowed
+    float16 is then skipped (no update; the norm returned is not finite) and the scale lowered."""
+    total, loss_sum = None, 0.0
     for _ in range(cfg.grad_accum):
         x, y = next_batch()
+        if scaler is not None:
+            model.loss_scale = scaler.scale
         _, loss = model.forward(x, y)
-        losses.append(float(loss))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss became {losses[-1]} at step {step + 1}")
+        loss_sum = loss_sum + loss
         grads = model.backward()
         if total is None:
             total = grads
@@ -176,15 +191,17 @@ def train_step(model, opt, next_batch, cfg: TrainConfig, step: int) -> tuple[flo
     if cfg.grad_accum > 1:
         for g in total.values():
             g *= 1.0 / cfg.grad_accum
-    if cfg.grad_clip > 0:
-        norm = float(clip_grad_norm(total, cfg.grad_clip))
-    else:
-        norm = _global_norm(total)
+    norm = clip_grad_norm(total, cfg.grad_clip) if cfg.grad_clip > 0 else _global_norm(total)
+    loss, norm = float(loss_sum) / cfg.grad_accum, float(norm)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss} at step {step + 1}")
+    if scaler is not None and not scaler.update(math.isfinite(norm)):
+        return loss, norm                  # float16 overflowed: skip this step
     if not math.isfinite(norm):
         raise FloatingPointError(f"the gradient norm became {norm} at step {step + 1}")
     opt.lr = lr_at(step, cfg)
     opt.step(total)
-    return float(np.mean(losses)), norm
+    return loss, norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +300,7 @@ class Run:
     splits: dict                # "train"/"val" -> token ids (N,)
     meta: dict                  # the token files' meta.json
     data_rng: np.random.Generator
+    scaler: LossScaler | None = None    # float16 mixed precision only
     step: int = 0               # optimizer steps done
     best_val: float = math.inf
     elapsed: float = 0.0        # seconds of earlier sessions of this run
@@ -294,6 +312,7 @@ class Run:
             "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
             "elapsed_s": self.elapsed + seconds,
             "config": dataclasses.asdict(self.cfg), "data": self.meta,
+            "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": {"data": checkpoint.rng_state(self.data_rng),
                     "dropout": checkpoint.rng_state(self.model.dropout_rng)}})
 
@@ -329,19 +348,23 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
     if weights is not None:
         what = "the checkpoint" if resume is not None else "--init-from"
         mcfg, params = _load_weights(weights, cfg, meta["vocab_size"], what)
-        model = GPT(mcfg, seed=cfg.seed, device=device, dtype=dtype, params=params)
+        model = GPT(mcfg, seed=cfg.seed, device=device, dtype=dtype, params=params,
+                    precision=cfg.precision, recompute=cfg.recompute)
     else:
         model = GPT(_model_config(cfg, meta["vocab_size"]), seed=cfg.seed, device=device,
-                    dtype=dtype)
+                    dtype=dtype, precision=cfg.precision, recompute=cfg.recompute)
     opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
     run = Run(cfg, out, model, opt, tokenizer, {"train": train_ids, "val": val_ids}, meta,
-              data_rng=np.random.default_rng([cfg.seed, 1]))
+              data_rng=np.random.default_rng([cfg.seed, 1]),
+              scaler=LossScaler() if cfg.precision == "float16" else None)
     if state is not None:  # continue exactly: moments, step, and both random streams
         checkpoint.load_optimizer_state(resume, opt)
         checkpoint.set_rng_state(run.data_rng, state["rng"]["data"])
         checkpoint.set_rng_state(model.dropout_rng, state["rng"]["dropout"])
         run.step, run.elapsed = state["step"], state.get("elapsed_s", 0.0)
+        if run.scaler is not None and state.get("loss_scaler"):
+            run.scaler.load_state_dict(state["loss_scaler"])
         if state["best_val_loss"] is not None:
             run.best_val = state["best_val_loss"]
     return run
@@ -401,7 +424,8 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                 record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
             t_window, steps_window = time.perf_counter(), 0
             while run.step < cfg.max_iters:
-                loss, norm = train_step(model, run.opt, run.next_batch, cfg, run.step)
+                loss, norm = train_step(model, run.opt, run.next_batch, cfg, run.step,
+                                        run.scaler)
                 run.step += 1
                 steps_window += 1
                 bar.update(1)
@@ -412,6 +436,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                     entry = {"step": run.step, "loss": loss, "lr": run.opt.lr,
                              "grad_norm": norm, "tokens_per_s": round(tps, 1),
                              "elapsed_s": round(run.elapsed + now - t_start, 3)}
+                    if run.scaler is not None:   # float16: the scale, and the steps skipped
+                        entry.update(loss_scale=run.scaler.scale,
+                                     skipped_steps=run.scaler.skipped)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.opt.lr:.2e}",
                                     tok_s=f"{tps:,.0f}")
                     if is_eval:
@@ -538,6 +565,11 @@ def add_arguments(p):
     opt("--log-interval", int, "steps between metrics.jsonl lines")
     opt("--device", str, "cpu, gpu or auto")
     opt("--dtype", str, "float32 or float64")
+    opt("--precision", str, "float32, tf32 (GPU tensor cores) or float16 (mixed precision, "
+        "dynamic loss scaling)")
+    p.add_argument("--recompute", action="store_const", const=True, default=None,
+                   help="keep only each block's input and recompute its activations in the "
+                        "backward: less memory, about a third more compute")
     opt("--seed", int)
     opt("--out", str, "run folder: checkpoint, best/, metrics.jsonl", metavar="DIR")
     opt("--sample-tokens", int, "characters/tokens sampled at the end")
