@@ -55,18 +55,27 @@ def config_from_args(args) -> GPTConfig:
 
 
 def add_arguments(p):
-    add_model_arguments(p, default_batch=8, default_block=256)
+    # defaults: B 8, T 256 on the CPU; on the GPU T 1024, and B 8 (B 1 for the 48-layer XL)
+    add_model_arguments(p, default_batch=None, default_block=None)
     p.add_argument("--steps", type=int, default=8, help="timed steps per framework (default 8)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                   help="gpu: both frameworks on the CUDA GPU, float32 and TF32 rows "
-                        "(minigpt2.bench_train_gpu)")
+                   help="gpu: both frameworks on the CUDA GPU in float32, TF32 and float16 "
+                        "mixed precision (minigpt2.bench_train_gpu)")
+    p.add_argument("--precisions", help="GPU: comma-separated, of float32, tf32, float16 "
+                   "(default all three; tf32 for gpt2-xl)")
+    p.add_argument("--torch-attention", default="sdpa,eager",
+                   help="GPU: the PyTorch attention rows (default sdpa,eager)")
+    p.add_argument("--recompute", action="store_true",
+                   help="GPU: minigpt2 recomputes each block's activations in the backward")
+    p.add_argument("--no-gemm", action="store_true", help="GPU: skip the 8192^3 GEMM timing")
     # internal: the fresh subprocess that measures one framework's peak memory
     p.add_argument("--_memory", choices=["minigpt2", "sdpa", "eager"], help=argparse.SUPPRESS)
-    # internal: the fresh subprocess that runs the GPU comparison in one precision
-    p.add_argument("--_precision", choices=["float32", "tf32"], help=argparse.SUPPRESS)
+    # internal: the fresh subprocess that runs one framework in one precision on the GPU
+    p.add_argument("--_precision", choices=["float32", "tf32", "float16"], help=argparse.SUPPRESS)
+    p.add_argument("--_framework", choices=["minigpt2", "sdpa", "eager"], help=argparse.SUPPRESS)
 
 
 # ---- the two training steps -------------------------------------------------------------------
@@ -209,6 +218,11 @@ def measure_memory(framework, cfg, B) -> None:
 
 
 def run(args) -> int:
+    gpu = args.device == "gpu"
+    if args.block_size is None:
+        args.block_size = 1024 if gpu else 256
+    if args.batch_size is None:
+        args.batch_size = 1 if gpu and args.preset == "gpt2-xl" else 8
     cfg = config_from_args(args)
     B = args.batch_size
     if args.device == "gpu":

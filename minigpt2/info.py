@@ -29,7 +29,7 @@ def parameter_breakdown(cfg: GPTConfig) -> dict:
     }
 
 
-def activation_floats(cfg: GPTConfig, batch_size: int, T: int) -> int:
+def activation_floats(cfg: GPTConfig, batch_size: int, T: int, recompute: bool = False) -> int:
     """Number of floats minigpt2's forward keeps for the backward at batch B, length T.
 
     Per block and token: the block input, ln_1 output, qkv (3C), merged heads, the residual after
@@ -38,11 +38,13 @@ def activation_floats(cfg: GPTConfig, batch_size: int, T: int) -> int:
     attention probabilities per head (H*T).
     Then ln_f's input and output (2C + 2), and the logits plus their softmax (2V).
     Dropout, when on, adds its masks: H*T + 2C per block and C for the embedding.
+    With ``recompute`` each block keeps only its input (C), and one block at a time holds the
+    rest while its backward runs.
     """
     C, H, V, L = cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
-    per_token = L * (16 * C + 4 + H * T) + 2 * C + 2 + 2 * V
-    if cfg.dropout > 0:
-        per_token += L * (H * T + 2 * C) + C
+    block = 16 * C + 4 + H * T + ((H * T + 2 * C) if cfg.dropout > 0 else 0)
+    kept = L * C + block if recompute else L * block
+    per_token = kept + 2 * C + 2 + 2 * V + (C if cfg.dropout > 0 else 0)
     return batch_size * T * per_token
 
 
@@ -62,21 +64,35 @@ def flops_per_token(cfg: GPTConfig, T: int) -> dict:
     return {"forward": forward, "train": 3 * forward, "train_nanogpt": nanogpt}
 
 
-def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32") -> dict:
-    """Bytes of a training step's main buffers (an estimate; temporaries of a single layer and
-    the framework's own overhead are not counted)."""
+def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32",
+                    precision: str = "float32", recompute: bool = False) -> dict:
+    """Bytes of a training step's buffers, and its peak (an estimate: the temporaries of one
+    layer and the framework's own overhead, such as the CUDA context, are not counted).
+
+    Weights and the AdamW moments live throughout. The step's peak is the larger of two moments:
+    the start of the backward, when every block's activations (and the logits with their
+    gradient) are held, and its end, when they are freed and every gradient is held instead.
+    float16 mixed precision keeps float32 weights, moments and returned gradients, adds float16
+    copies of the weights for the step, and holds its activations in float16 (the float16
+    gradients wait beside the float32 ones at the end).
+    """
     itemsize = np.dtype(dtype).itemsize
     n = cfg.num_params()
+    half = precision == "float16"
+    act_itemsize = 2 if half else itemsize
     kv_cache = 2 * cfg.n_layer * batch_size * cfg.block_size * cfg.n_embd * itemsize
     mem = {
         "weights": n * itemsize,
         "gradients": n * itemsize,
         "adamw_moments": 2 * n * itemsize,
-        "activations": activation_floats(cfg, batch_size, T) * itemsize,
+        "float16_weight_copies": 2 * n if half else 0,
+        "activations": activation_floats(cfg, batch_size, T, recompute) * act_itemsize,
         "kv_cache_generation": kv_cache,
     }
-    mem["training_step"] = (mem["weights"] + mem["gradients"] + mem["adamw_moments"]
-                            + mem["activations"])
+    always = mem["weights"] + mem["adamw_moments"] + mem["float16_weight_copies"]
+    backward_start = always + mem["activations"]
+    backward_end = always + mem["gradients"] + (2 * n if half else 0)
+    mem["training_step"] = max(backward_start, backward_end)
     return mem
 
 
@@ -94,6 +110,10 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=1, help="B for the memory estimate (default 1)")
     p.add_argument("--seq-len", type=int, help="T for the estimates (default: block size)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
+    p.add_argument("--precision", default="float32", choices=["float32", "tf32", "float16"],
+                   help="float16: mixed precision (float32 weights, float16 activations)")
+    p.add_argument("--recompute", action="store_true",
+                   help="the memory of training with activation recomputation")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -119,7 +139,8 @@ def print_all_sizes(args) -> int:
           f"{'train step':>12}{'GFLOP/token':>13}")
     for name in PRESETS:
         cfg = GPTConfig.preset(name)
-        mem = estimate_memory(cfg, args.batch_size, cfg.block_size, args.dtype)
+        mem = estimate_memory(cfg, args.batch_size, cfg.block_size, args.dtype, args.precision,
+                              args.recompute)
         flops = flops_per_token(cfg, cfg.block_size)["train_nanogpt"]
         print(f"{name:<13}{cfg.n_layer:>7}{cfg.n_head:>6}{cfg.n_embd:>6}{cfg.num_params():>16,}"
               f"{mem['weights'] / GiB:>7.2f} GiB{mem['training_step'] / GiB:>8.2f} GiB"
@@ -138,7 +159,7 @@ def run(args) -> int:
     if not 1 <= T <= cfg.block_size:
         raise ValueError(f"--seq-len must be in [1, {cfg.block_size}] (the block size), got {T}")
     parts = parameter_breakdown(cfg)
-    mem = estimate_memory(cfg, args.batch_size, T, args.dtype)
+    mem = estimate_memory(cfg, args.batch_size, T, args.dtype, args.precision, args.recompute)
     flops = flops_per_token(cfg, T)
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "num_params": cfg.num_params(),
@@ -157,10 +178,14 @@ def run(args) -> int:
     print(f"  wpe       {parts['wpe']:>15,}   position embedding")
     print(f"  blocks    {parts['blocks']:>15,}   {cfg.n_layer} x {parts['per_block']:,}")
     print(f"  ln_f      {parts['ln_f']:>15,}")
-    print(f"memory ({args.dtype}, batch {args.batch_size} x {T} tokens, estimate)")
+    how = args.dtype + (f", precision {args.precision}" if args.precision != "float32" else "") \
+        + (", recompute" if args.recompute else "")
+    print(f"memory ({how}, batch {args.batch_size} x {T} tokens, estimate)")
     rows = [("weights", "weights"), ("gradients", "gradients"),
             ("AdamW m and v", "adamw_moments"), ("activations", "activations"),
-            ("training step", "training_step"), ("KV cache (generate)", "kv_cache_generation")]
+            ("training step peak", "training_step"), ("KV cache (generate)", "kv_cache_generation")]
+    if args.precision == "float16":
+        rows.insert(3, ("float16 weights", "float16_weight_copies"))
     for label, key in rows:
         print(f"  {label:<20}{mem[key] / GiB:>10.2f} GiB")
     print(f"FLOPs per token at T = {T}: forward {flops['forward'] / 1e9:.3f} GFLOP, "
