@@ -418,6 +418,69 @@ def cross_entropy_backward(dloss, cache, out=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# batched matrix multiply of float16 stacks, straight through cuBLAS
+
+_CUDA_DTYPE = {np.dtype(np.float16): 2, np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+_CUBLAS_COMPUTE_32F = 68
+_CUBLAS_GEMM_DEFAULT = -1
+_ONE, _ZERO = np.array(1.0, dtype=np.float32), np.array(0.0, dtype=np.float32)
+
+
+def _cublas_layout(x):
+    """(operation, leading dimension) under which cuBLAS (column-major) reads the row-major
+    matrices x[i, j] (..., r, c) as their transposes, or None if neither of the last two axes
+    has unit stride. Row-major (r, c) with row stride s is column-major (c, r) with ld s: taken
+    as it is (OP_N), it is the transpose. A transposed view (strides (1, s)) is column-major
+    (r, c) itself: OP_T gives the transpose."""
+    op_n, op_t = 0, 1                  # CUBLAS_OP_N, CUBLAS_OP_T
+    item = x.itemsize
+    s_r, s_c = x.strides[-2] // item, x.strides[-1] // item
+    r, c = x.shape[-2:]
+    if s_c == 1 and s_r >= max(c, 1):
+        return op_n, max(s_r, 1)
+    if s_r == 1 and s_c >= max(r, 1):
+        return op_t, max(s_c, 1)
+    return None
+
+
+def batched_matmul(a, b, out):
+    """out[i, j] = a[i, j] @ b[i, j] for float16 stacks a (B, H, m, k), b (B, H, k, n) into out
+    (B, H, m, n), with float32 sums on the tensor cores; returns out.
+
+    CuPy's matmul of float16 stacks converts them to float32 and copies strided views into C
+    order first; here cuBLAS reads the views as they are (the (B, H, T, hs) heads of qkv, the
+    transposes of att and ds) and writes into a view (a slice of dqkv). cuBLAS is column-major:
+    C = A B in row-major is C^T = B^T A^T in column-major, so b comes first. One strided-batched
+    call per batch row b covers the H heads, whose stride is uniform."""
+    from cupy_backends.cuda.libs import cublas
+    B, H, m, k = a.shape
+    n = b.shape[-1]
+    if b.shape[:2] != (B, H) or b.shape[2] != k or out.shape != (B, H, m, n):
+        raise ValueError(f"batched_matmul: shapes {a.shape} @ {b.shape} -> {out.shape}")
+    if not a.dtype == b.dtype == out.dtype == np.float16:
+        raise ValueError("batched_matmul is for float16 stacks")
+    if _cublas_layout(a) is None:
+        a = cp.ascontiguousarray(a)
+    if _cublas_layout(b) is None:
+        b = cp.ascontiguousarray(b)
+    lay_a, lay_b = _cublas_layout(a), _cublas_layout(b)
+    if out.strides[-1] != out.itemsize:
+        raise ValueError("batched_matmul writes rows with unit stride")
+    item, code = a.itemsize, _CUDA_DTYPE[a.dtype]
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, 0)   # CUBLAS_POINTER_MODE_HOST: alpha, beta are host numbers
+    for i in range(B):
+        cublas.gemmStridedBatchedEx(
+            handle, lay_b[0], lay_a[0], n, m, k, _ONE.ctypes.data,
+            b.data.ptr + i * b.strides[0], code, lay_b[1], b.strides[1] // item,
+            a.data.ptr + i * a.strides[0], code, lay_a[1], a.strides[1] // item,
+            _ZERO.ctypes.data,
+            out.data.ptr + i * out.strides[0], code, out.strides[-2] // item,
+            out.strides[1] // item, H, _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # AdamW: one pass over p, g, m, v per parameter (optim.AdamW.step's ten passes)
 
 _adamw = cp.ElementwiseKernel(

@@ -393,6 +393,8 @@ def attention_forward_fast(qkv, n_head, dropout_p=0.0, rng=None):
         return y.astype(np.float16), cache
     q, k, v = _qkv_heads(qkv, n_head)
     scale = 1.0 / math.sqrt(q.shape[-1])
+    if kernels is not None and _half(qkv):
+        return _attention_forward_float16_gpu(kernels, q, k, v, scale, dropout_p, rng)
     if kernels is not None:
         att = kernels.causal_softmax_forward(q @ k.transpose(0, 1, 3, 2), scale)
     else:
@@ -416,6 +418,8 @@ def attention_backward_fast(dy, cache):
     kernels = _fused(xp)
     if kernels is None and _half(dy):
         return attention_backward_fast(dy.astype(np.float32), cache).astype(np.float16)
+    if kernels is not None and _half(dy):
+        return _attention_backward_float16_gpu(kernels, dy, cache)
     B, H, T, hs = q.shape
     dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
     dqkv = xp.empty((B, T, 3, H, hs), dtype=dy.dtype)
@@ -443,6 +447,42 @@ def attention_backward_fast(dy, cache):
         dk[...] = (q.transpose(0, 1, 3, 2) @ ds).transpose(0, 1, 3, 2)
     else:
         dk[...] = ds.transpose(0, 1, 3, 2) @ q
+    dk *= scale
+    return dqkv.reshape(B, T, 3 * H * hs)
+
+
+def _attention_forward_float16_gpu(kernels, q, k, v, scale, dropout_p, rng):
+    """``attention_forward_fast`` for float16 on the GPU: the two products go straight to cuBLAS
+    (``kernels.batched_matmul``) on the strided heads, and att @ v is written into the merged
+    (B, T, C) layout directly."""
+    xp = array_module(q)
+    B, H, T, hs = q.shape
+    att = kernels.batched_matmul(q, k.transpose(0, 1, 3, 2), xp.empty((B, H, T, T), q.dtype))
+    kernels.causal_softmax_forward(att, scale)
+    att_d, mask = dropout_forward(att, dropout_p, rng)
+    y = xp.empty((B, T, H, hs), dtype=q.dtype)
+    kernels.batched_matmul(att_d, v, y.transpose(0, 2, 1, 3))             # heads merged
+    return y.reshape(B, T, H * hs), (q, k, v, att, mask, scale)
+
+
+def _attention_backward_float16_gpu(kernels, dy, cache):
+    """``attention_backward_fast`` for float16 on the GPU, its products through cuBLAS as in the
+    forward, dq, dk, dv written into their slices of dqkv."""
+    q, k, v, att, mask, scale = cache
+    xp = array_module(dy)
+    B, H, T, hs = q.shape
+    dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
+    dqkv = xp.empty((B, T, 3, H, hs), dtype=dy.dtype)
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
+    att_d = att if mask is None else att * mask
+    kernels.batched_matmul(att_d.transpose(0, 1, 3, 2), dyh, dv)          # dv = att_d^T dy
+    ds = kernels.batched_matmul(dyh, v.transpose(0, 1, 3, 2), xp.empty_like(att))
+    if mask is not None:
+        ds *= mask
+    kernels.causal_softmax_backward(ds, att)
+    kernels.batched_matmul(ds, k, dq)
+    dq *= scale
+    kernels.batched_matmul(ds.transpose(0, 1, 3, 2), q, dk)
     dk *= scale
     return dqkv.reshape(B, T, 3 * H * hs)
 

@@ -142,3 +142,20 @@ def test_recompute_on_the_gpu_gives_the_same_gradients():
     again = grads_of(GPT(CFG, seed=0, device="gpu", dtype="float64", recompute=True))
     for name in plain:
         assert rel_error(again[name], plain[name]) < 1e-14, name
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 8, 13), (8, 12, 64, 64, 64)])
+def test_batched_float16_matmul_reads_strided_views(shape):
+    """kernels.batched_matmul on the views attention uses (heads of a (B, T, 3C) array,
+    transposes, a slice as the output) against float32 matmul of the same numbers."""
+    B, H, m, k, n = shape
+    a_store = rand((B, m, 3, H, k), "float32", 1).astype(cp.float16)   # like qkv
+    b_store = rand((B, H, n, k), "float32", 2).astype(cp.float16)
+    a = a_store[:, :, 1].transpose(0, 2, 1, 3)                            # (B, H, m, k), strided
+    b = b_store.transpose(0, 1, 3, 2)                                     # (B, H, k, n), a transpose
+    out_store = cp.full((B, m, 2, H, n), cp.nan, dtype=cp.float16)
+    out = out_store[:, :, 0].transpose(0, 2, 1, 3)                        # (B, H, m, n), strided
+    kernels.batched_matmul(a, b, out)
+    want = a.astype(cp.float32) @ b.astype(cp.float32)
+    assert rel_error(out, want) < 2e-3
+    assert bool(cp.isnan(out_store[:, :, 1]).all())                       # nothing else written
