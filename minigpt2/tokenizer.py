@@ -9,7 +9,7 @@ Three pieces make it GPT-2's:
 
 - ``GPT2_SPLIT_PATTERN`` cuts text into chunks first; merges never cross a chunk boundary.
   That is how the paper's rule "no merges across character categories, except for spaces"
-  is realised (see the pattern's comment).
+  is realised (see the pattern's comment). ``split_chunks`` applies it, in faster forms.
 - ``bytes_to_unicode()`` gives each byte a printable stand-in character (space is ``Ġ``), the
   alphabet of GPT-2's files ``encoder.json`` / ``vocab.bpe``; it also fixes the order of ids
   0-255 ("GPT-2 byte order": ``'!'`` is id 0).
@@ -28,9 +28,10 @@ import heapq
 import importlib.metadata
 import json
 import os
+import re
 import sys
 from collections import Counter, defaultdict
-from itertools import chain
+from itertools import chain, pairwise
 from pathlib import Path
 
 import regex
@@ -52,6 +53,25 @@ import regex
 # optional space is the exception the paper allows: " dog" (with its space) becomes one token.
 GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
                       r"""|\s+(?!\S)|\s+""")
+
+# ``split_chunks`` runs two faster forms of this pattern; tests check that both find exactly the
+# chunks the pattern above finds. First, the same pattern factored, which the ``regex`` engine
+# runs in 0.48 s instead of 0.54 s on the bench text (6.8 MB):
+#   '(?:[st]|re|ve|m|ll|d)       the seven contractions all start with ' and differ in the next
+#                                letter, so at most one can match: one branch finds the same
+#                                match, and a position without ' is rejected once, not 7 times;
+#    ?(?:\p{L}+|\p{N}+|...)     letters, digits and "other" are disjoint classes, none holding
+#                                the space, so after the optional space at most one of the three
+#                                can match: taking " ?" out of the three matches the same text.
+_FAST_SPLIT_PATTERN = (r"""'(?:[st]|re|ve|m|ll|d)| ?(?:\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+)"""
+                       r"""|\s+(?!\S)|\s+""")
+
+# Second, the factored pattern for ASCII text, where its classes are plain ones: \p{L} is
+# [A-Za-z], \p{N} is [0-9] and \s is [\t-\r ] (``regex``'s \s, like tiktoken's, lacks the
+# \x1c-\x1f that the stdlib's \s has). Written so, the stdlib ``re`` engine can run it, and
+# it is twice as fast as ``regex``: 0.23 s instead of 0.47 s on the bench text's ASCII lines.
+_ASCII_SPLIT_PATTERN = (r"""'(?:[st]|re|ve|m|ll|d)| ?(?:[A-Za-z]+|[0-9]+|[^\t-\r A-Za-z0-9]+)"""
+                        r"""|[\t-\r ]+(?![^\t-\r ])|[\t-\r ]+""")
 ENDOFTEXT = "<|endoftext|>"
 
 # The sha256 that tiktoken expects of OpenAI's files (tiktoken_ext/openai_public.py).
@@ -61,7 +81,57 @@ GPT2_FILES_SHA256 = {
 }
 MERGES_HEADER = "#version: 0.2"
 
-_SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
+_SPLIT = regex.compile(_FAST_SPLIT_PATTERN)
+_ASCII_SPLIT = re.compile(_ASCII_SPLIT_PATTERN)
+
+
+def split_chunks(text: str) -> list[str]:
+    """GPT-2's pre-tokenization: text -> its chunks, the matches of ``GPT2_SPLIT_PATTERN``.
+
+    Stretches of ASCII go to the stdlib engine (``_ASCII_SPLIT``), the rest to ``regex``.
+    The text is read in blocks of 256 characters (``str.isascii`` is a C loop); a stretch of
+    ASCII blocks is trimmed to *safe* places (a newline before a non-space character, see
+    ``safe_split``), where no chunk crosses the cut and each side splits as it would alone.
+    ``findall(text, start, end)`` reads ``end`` as the end of the text, as that needs.
+    """
+    if text.isascii():
+        return _ASCII_SPLIT.findall(text)
+    chunks, done, i, n = [], 0, 0, len(text)
+    while i < n:
+        j = i                                   # [i, j): whole ASCII blocks
+        while j < n and text[j:j + 256].isascii():
+            j += 256
+        if j > i:
+            j = min(j, n)
+            start = _first_safe_cut(text, i, j)
+            end = _last_safe_cut(text, start, j)
+            if start < end:
+                chunks += _SPLIT.findall(text, done, start)
+                chunks += _ASCII_SPLIT.findall(text, start, end)
+                done = end
+        i = j + 256                             # the block at j holds a non-ASCII character
+    chunks += _SPLIT.findall(text, done)
+    return chunks
+
+
+def _first_safe_cut(text: str, lo: int, hi: int) -> int:
+    """The first p in [lo, hi - 1) with text[p] a newline and text[p + 1] no space; hi if none."""
+    p = text.find("\n", lo, hi - 1)
+    while p >= 0:
+        if not text[p + 1].isspace():
+            return p
+        p = text.find("\n", p + 1, hi - 1)
+    return hi
+
+
+def _last_safe_cut(text: str, lo: int, hi: int) -> int:
+    """The last p in [lo, hi - 1) with text[p] a newline and text[p + 1] no space; lo if none."""
+    p = text.rfind("\n", lo, hi - 1)
+    while p >= 0:
+        if not text[p + 1].isspace():
+            return p
+        p = text.rfind("\n", lo, p)
+    return lo
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -205,8 +275,43 @@ class Tokenizer:
 
     # --- encoding ---------------------------------------------------------------------------
 
+    # Up to this many bytes a chunk is merged by ``_bpe_scan``, beyond it by ``_bpe_heap``.
+    # Measured with GPT-2's merges on words of real text: the scan is 1.4x faster at 8 bytes
+    # (a typical new word), 1.1x at 32, 1.2x slower at 64 and 2.8x slower at 256 bytes.
+    SCAN_MAX = 32
+
     def _bpe(self, data: bytes) -> list[int]:
-        """The merges applied to one chunk's bytes -> ids, lowest rank first, leftmost on ties.
+        """The merges applied to one chunk's bytes -> ids, lowest rank first, leftmost on ties."""
+        return self._bpe_scan(data) if len(data) <= self.SCAN_MAX else self._bpe_heap(data)
+
+    def _bpe_scan(self, data: bytes) -> list[int]:
+        """``_bpe`` for a short chunk: keep the rank of every adjacent pair in a list, merge at
+        the lowest (``min``, then ``index`` finds the leftmost), update the two pairs beside it.
+
+        O(n^2) for n bytes, as openai's encoder.py, but ``min`` and ``index`` are C loops and
+        only two pairs are looked up per merge, so for the short chunks that make up most text
+        it beats the heap's bookkeeping. ``none`` (no merge has that rank) marks a pair that
+        has no merge.
+        """
+        byte_id, rank_get, merged = self._byte_id, self._rank.get, self._merged
+        none = len(merged)
+        ids = [byte_id[b] for b in data]
+        ranks = [rank_get(pair, none) for pair in pairwise(ids)]   # of ids[i], ids[i + 1]
+        while ranks:
+            r = min(ranks)
+            if r == none:
+                break
+            i = ranks.index(r)
+            new = ids[i] = merged[r]            # i absorbs i + 1
+            del ids[i + 1], ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank_get((ids[i - 1], new), none)
+            if i < len(ranks):
+                ranks[i] = rank_get((new, ids[i + 1]), none)
+        return ids
+
+    def _bpe_heap(self, data: bytes) -> list[int]:
+        """``_bpe`` for a chunk of any length, in O(n log n).
 
         A min-heap holds (rank, position) for every adjacent pair that has a merge; the symbols
         form a linked list (``nxt``/``prv`` by position), so a merge is O(log n) and the whole
@@ -270,7 +375,7 @@ class Tokenizer:
             cache.clear()
         # Lookups and the concatenation run as C loops (map, chain); the Python interpreter
         # only sees the chunks not yet in the cache (``_ChunkCache.__missing__``).
-        return list(chain.from_iterable(map(cache.__getitem__, _SPLIT.findall(text))))
+        return list(chain.from_iterable(map(cache.__getitem__, split_chunks(text))))
 
     def encode_ordinary(self, text: str) -> list[int]:
         """text -> ids, special tokens treated as plain text."""
@@ -633,7 +738,7 @@ def count_chunks(text, special_tokens=()) -> Counter:
         except UnicodeEncodeError:
             doc = _fix_surrogates(doc)
         for part in (splitter.split(doc) if splitter else (doc,)):
-            counts.update(_SPLIT.findall(part))
+            counts.update(split_chunks(part))
     return counts
 
 

@@ -5,16 +5,19 @@ with tiktoken's own GPT-2 pattern, so nothing of minigpt2 is shared with the ref
 """
 
 import json
+import re
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
+import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt2.tokenizer import (ENDOFTEXT, Tokenizer, bytes_to_unicode, gpt2_byte_order,
-                                gpt2_files, safe_split)
+from minigpt2.tokenizer import (_ASCII_SPLIT, _SPLIT, ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer,
+                                bytes_to_unicode, gpt2_byte_order, gpt2_files, safe_split,
+                                split_chunks)
 
 tiktoken = pytest.importorskip("tiktoken")
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
@@ -133,6 +136,79 @@ def test_property_ids_equal_tiktoken(tok, ref, text):
     assert ids == ref.encode(text, disallowed_special=())
     assert tok.decode(ids) == text
     assert tok.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all")
+
+
+# --- the fast pre-tokenization equals the textbook pattern -------------------------------------
+
+TEXTBOOK = regex.compile(GPT2_SPLIT_PATTERN)
+
+
+def with_non_ascii_every(text: str, k: int, char: str = "é") -> str:
+    return char.join(text[i:i + k] for i in range(0, len(text), k))
+
+
+def test_ascii_classes_are_the_unicode_classes_restricted_to_ascii():
+    # _ASCII_SPLIT spells \p{L}, \p{N}, \s out as ASCII classes: each of the 128 characters must
+    # fall in the same class as for the textbook pattern (\x1c-\x1f: not \s in regex or tiktoken).
+    for c in map(chr, range(128)):
+        for ours, unicode_class in (("[A-Za-z]", r"\p{L}"), ("[0-9]", r"\p{N}"),
+                                    ("[\t-\r ]", r"\s")):
+            assert bool(regex.fullmatch(ours, c)) == bool(regex.fullmatch(unicode_class, c)), c
+    assert re.fullmatch(r"\s", "\x1c")        # why \s is spelled out: the stdlib's would differ
+    # and the pattern splits each of them as the textbook one, next to spaces, letters, digits
+    for c in map(chr, range(128)):
+        for text in (f"  {c}x", f"{c}  x", f" {c}{c} ", f"\n\n{c}", f"'{c}", f"{c}'s", f"a{c}1 ",
+                     f" {c}\n y", f"x{c}"):
+            assert _ASCII_SPLIT.findall(text) == TEXTBOOK.findall(text), text
+
+
+def test_fast_split_equals_textbook_pattern():
+    hard = (FIXTURES / "hard_cases.txt").read_bytes().decode("utf-8")
+    code, prose = stdlib_sample(), shakespeare()[:300_000]
+    for text in (hard, code, prose, prose + hard + code, hard * 40):
+        assert _SPLIT.findall(text) == TEXTBOOK.findall(text)
+        assert split_chunks(text) == TEXTBOOK.findall(text)
+    # ASCII stretches of every length around non-ASCII characters, space-like ones included;
+    # lines that end in spaces, and newlines before spaces, are where a cut would be unsafe
+    for ascii_text in (code[:60_000], code[:60_000].replace("\n", " \n"),
+                       code[:60_000].replace("\n", "\t\n  ")):
+        for k in (1, 100, 255, 256, 257, 300, 700, 5000):
+            for char in ("é", "\u3000", "\u00a0", "中"):
+                text = with_non_ascii_every(ascii_text, k, char)
+                assert split_chunks(text) == TEXTBOOK.findall(text), (k, char)
+
+
+ascii_pieces = st.sampled_from([" ", "  ", "\n", "\n\n", "\n ", "\r\n", "\t", "\x0b", "\x1c",
+                                "\x1f", "'s", "'S", "'ll", "'d", "'ve", "'", "word", " word", "42",
+                                "!", "...", "_", "\x00"])
+non_ascii = st.sampled_from(["é", "\u3000", "\u00a0", "\u0085", "中", "½", "👍", "\u2028"])
+ascii_runs = st.lists(ascii_pieces | st.text(st.characters(max_codepoint=127), max_size=4),
+                      min_size=50, max_size=400).map("".join)      # often over 256 characters
+mixed_texts = st.lists(ascii_runs | non_ascii, max_size=6).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(mixed_texts, texts))
+def test_property_split_equals_textbook_pattern(text):
+    assert split_chunks(text) == TEXTBOOK.findall(text)
+    assert _SPLIT.findall(text) == TEXTBOOK.findall(text)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mixed_texts)
+def test_property_long_ascii_stretches_equal_tiktoken(tok, ref, text):
+    assert tok.encode(text, disallowed_special=()) == ref.encode(text, disallowed_special=())
+
+
+def test_scan_and_heap_merge_loops_agree(tok):
+    # _bpe uses the rescanning loop up to SCAN_MAX bytes and the heap beyond: both must give the
+    # same ids at every length, ties (runs of one byte) included.
+    chunks = {c.encode("utf-8") for c in split_chunks(shakespeare()[:400_000] + stdlib_sample())}
+    chunks |= {b * n for b in (b"a", b" ", b"7", b"!") for n in range(1, 70)}
+    chunks |= set(tok.vocab.values())
+    assert any(len(c) > tok.SCAN_MAX for c in chunks)
+    bad = [c for c in chunks if tok._bpe_scan(c) != tok._bpe_heap(c)]
+    assert bad == []
 
 
 # --- special tokens and odd input ----------------------------------------------------------------
