@@ -164,7 +164,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "num_params": cfg.num_params(),
                           "parameters": parts, "batch_size": args.batch_size, "seq_len": T,
-                          "dtype": args.dtype, "memory_bytes": mem,
+                          "dtype": args.dtype, "precision": args.precision,
+                          "recompute": args.recompute, "memory_bytes": mem,
                           "flops_per_token": flops}, indent=2))
         return 0
     if args.preset in PRESETS:

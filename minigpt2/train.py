@@ -476,6 +476,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
             return "n/a" if v is None else f"{v:.4f}"
         log(f"done: {run.step} steps in {run.elapsed + time.perf_counter() - t_start:.0f} s, "
             f"val loss {fmt(last_val)} (best {fmt(best)}); model in {out}, best in {out}/best")
+        if run.scaler is not None:
+            log(f"float16: {run.scaler.skipped} step(s) skipped for overflow, loss scale now "
+                f"{run.scaler.scale:g}")
         if cfg.sample_tokens:
             log("sample:\n" + sample_text(model, run.tokenizer, cfg.sample_tokens,
                                           seed=cfg.seed))

@@ -173,6 +173,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     (["--min-lr", "1"], "min_lr <= lr"),
     (["--block-size", "4000"], "validation tokens"),
     (["--tokenizer", "words"], "unknown --tokenizer"),
+    (["--precision", "bfloat16"], "unknown --precision"),
+    (["--precision", "tf32"], "precision 'tf32' is a GPU tensor-core mode"),
+    (["--precision", "float16", "--dtype", "float64"], "keeps float32 master weights"),
 ])
 def test_impossible_settings_fail_in_one_line(tmp_path, capsys, extra, message):
     data = corpus(tmp_path)
@@ -337,3 +340,22 @@ def test_the_same_command_trains_on_the_gpu(tmp_path, capsys):
                               "--no-progress"], capsys)
     assert status == 0, err
     assert checkpoint.load_state(tmp_path / "gpu")["step"] == 6
+
+
+def test_float16_and_recompute_train_through_the_cli_and_resume(tmp_path, capsys):
+    """--precision float16 --recompute on the CPU: the loss falls, the loss scale and skipped
+    steps are logged, and a resumed run continues the scaler's state."""
+    data, out = corpus(tmp_path), tmp_path / "run"
+    args = ["train", "--data", str(data), "--cache-dir", str(tmp_path / "c"), *TINY,
+            "--precision", "float16", "--recompute", "--eval-interval", "4", "--log-interval", "1",
+            "--lr", "3e-3", "--out", str(out)]
+    assert run_cli([*args, "--max-iters", "4"], capsys)[0] == 0
+    logged = [m for m in metrics(out) if "loss" in m]
+    assert all(m["loss_scale"] > 0 and m["skipped_steps"] >= 0 for m in logged)
+    saved = json.loads((out / "train_state.json").read_text())["loss_scaler"]
+    assert saved["scale"] == logged[-1]["loss_scale"]
+    status, _, _ = run_cli(["train", "--resume", str(out), "--max-iters", "8", "--no-progress"],
+                           capsys)
+    assert status == 0
+    evals = [m["val_loss"] for m in metrics(out) if "val_loss" in m]
+    assert len(evals) == 3 and evals[-1] < evals[0]
