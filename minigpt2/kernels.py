@@ -12,8 +12,8 @@ precision) are loaded into float32 registers, computed in float32, and rounded t
 on the way out. Row statistics (LayerNorm's mean and rstd, the softmax's log-sum-exp) are kept in
 float32 (float64 for float64 input).
 
-This module imports CuPy at import time: ``layers.py`` imports it only when an array is a CuPy
-array, so the CPU path never needs CuPy.
+This module imports CuPy at import time: ``backend.fused_kernels`` imports it only for CuPy
+arrays, so the CPU path never needs CuPy.
 """
 
 from __future__ import annotations
