@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -42,17 +41,8 @@ def bench_text(data: Path | None) -> str:
         if not data.is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
         return data.read_text(encoding="utf-8")
-    from .data import shakespeare_text
-    parts, size = [shakespeare_text()], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            parts.append(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-        size += len(parts[-1])
-        if size > 2_000_000:
-            break
-    return "".join(parts)
+    from .data import python_sources, shakespeare_text
+    return shakespeare_text() + python_sources(2_000_000)
 
 
 def best_of(fn, repeat: int) -> float:

@@ -7,7 +7,6 @@ with tiktoken's own GPT-2 pattern, so nothing of minigpt2 is shared with the ref
 import json
 import re
 import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from minigpt2.data import python_sources
 from minigpt2.tokenizer import (_ASCII_SPLIT, _SPLIT, ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer,
                                 bytes_to_unicode, gpt2_byte_order, gpt2_files, safe_split,
                                 split_chunks)
@@ -47,19 +47,9 @@ def monkeypatch_module():
     mp.undo()
 
 
-def stdlib_sample(max_bytes=400_000) -> str:
-    """Python standard library sources, files in sorted order until about max_bytes."""
-    parts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        parts.append(text)
-        size += len(text)
-        if size >= max_bytes:
-            break
-    return "".join(parts)
+def stdlib_sample(max_chars=400_000) -> str:
+    """Python standard library sources, files in sorted order until about max_chars."""
+    return python_sources(max_chars)
 
 
 def shakespeare() -> str:

@@ -3,7 +3,6 @@ tiktoken and transformers, the parallel token-file encoder, and bad input."""
 
 import json
 import random
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minigpt2 import data
 from minigpt2.tokenizer import ENDOFTEXT, Tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -48,16 +48,7 @@ def shakespeare():
 
 @pytest.fixture(scope="module")
 def python_sources():
-    parts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[::-1]:
-        try:
-            parts.append(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-        size += len(parts[-1])
-        if size > 600_000:
-            break
-    return "".join(parts)
+    return data.python_sources(600_000, reverse=True)
 
 
 @pytest.fixture(scope="module")
