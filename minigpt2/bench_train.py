@@ -128,15 +128,22 @@ def torch_twin(model, attn, device="cpu"):
     return hf.to(device)
 
 
+def torch_adamw(hf):
+    """torch.optim.AdamW over a transformers GPT-2 with minigpt2's bench settings: decay on the
+    2-D weights (the tied lm_head counted once, through wte), none on biases and LayerNorm."""
+    import torch
+    decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and n != "lm_head.weight"]
+    other = [p for p in hf.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": other, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95))
+
+
 def torch_step(model, B, attn, device="cpu"):
     """A closure running one PyTorch training step on ``model``'s twin; returns the loss tensor."""
     import torch
     hf = torch_twin(model, attn, device).train()
     idx, targets = (torch.as_tensor(a, device=device) for a in batch_for(model.config, B))
-    decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and n != "lm_head.weight"]
-    other = [p for p in hf.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": other, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95))
+    opt = torch_adamw(hf)
     V = model.config.vocab_size
 
     def step():

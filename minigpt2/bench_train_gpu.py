@@ -30,8 +30,6 @@ import statistics
 import subprocess
 import sys
 
-import numpy as np
-
 from .info import estimate_memory, flops_per_token
 
 GiB = 1024 ** 3
@@ -97,8 +95,7 @@ def _ours(cfg, B, precision, recompute, memory):
 
     from .bench_train import batch_for
     from .model import GPT
-    from .optim import AdamW, LossScaler
-    from .train import _global_norm
+    from .optim import AdamW, LossScaler, global_norm
     model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute)
     model.on_block = memory.sample
     opt = AdamW(model.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -113,7 +110,7 @@ def _ours(cfg, B, precision, recompute, memory):
         memory.sample()
         if scaler is not None:   # one look at the host, as torch's GradScaler.step takes
             model.loss_scale = scaler.scale
-            if not scaler.update(bool(cupy.isfinite(_global_norm(grads)))):
+            if not scaler.update(bool(cupy.isfinite(global_norm(grads)))):
                 losses.append(loss)
                 return
         opt.step(grads)
@@ -127,7 +124,7 @@ def _torch(cfg, B, precision, attn, memory):
     """transformers' GPT-2 with our initial weights, on CUDA; returns the step function."""
     import torch
 
-    from .bench_train import batch_for, torch_twin
+    from .bench_train import batch_for, torch_adamw, torch_twin
     from .model import GPT
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -138,10 +135,7 @@ def _torch(cfg, B, precision, attn, memory):
     for block in hf.transformer.h:
         block.register_forward_hook(memory.sample)
     idx, targets = (torch.as_tensor(a, device="cuda") for a in batch_for(cfg, B))
-    decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and n != "lm_head.weight"]
-    other = [p for p in hf.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": other, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95))
+    opt = torch_adamw(hf)
     half = precision == "float16"
     scaler = torch.amp.GradScaler("cuda", enabled=half)
     V = cfg.vocab_size

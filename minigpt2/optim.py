@@ -108,6 +108,13 @@ class AdamW:
         self.v = {n: xp.array(state["v"][n], dtype=p.dtype) for n, p in self.params.items()}
 
 
+def global_norm(grads: dict):
+    """sqrt(sum of g^2 over every gradient): a 0-d array on the gradients' device."""
+    values = list(grads.values())
+    xp = array_module(values[0])
+    return xp.sqrt(sum((g * g).sum() for g in values))
+
+
 def clip_grad_norm(grads: dict, max_norm: float):
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
 
@@ -116,11 +123,9 @@ def clip_grad_norm(grads: dict, max_norm: float):
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    values = list(grads.values())
-    xp = array_module(values[0])
-    total = xp.sqrt(sum((g * g).sum() for g in values))
-    coef = xp.minimum(max_norm / (total + 1e-6), 1.0)
-    for g in values:
+    total = global_norm(grads)
+    coef = array_module(total).minimum(max_norm / (total + 1e-6), 1.0)
+    for g in grads.values():
         g *= coef
     return total
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, data
-from .backend import array_module, keep_freed_memory_for_reuse, resolve_device, resolve_dtype
+from .backend import keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
 from .model import GPT, PRECISIONS
-from .optim import AdamW, LossScaler, clip_grad_norm
+from .optim import AdamW, LossScaler, clip_grad_norm, global_norm
 
 METRICS = "metrics.jsonl"
 
@@ -159,13 +159,6 @@ def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int) -> dict:
     return out
 
 
-def _global_norm(grads: dict):
-    """sqrt(sum of g^2 over every gradient), a 0-d array on the gradients' device."""
-    values = list(grads.values())
-    xp = array_module(values[0])
-    return xp.sqrt(sum((g * g).sum() for g in values))
-
-
 def train_step(model, opt, next_batch, cfg: TrainConfig, step: int,
                scaler: LossScaler | None = None) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm).
@@ -191,7 +184,7 @@ def train_step(model, opt, next_batch, cfg: TrainConfig, step: int,
     if cfg.grad_accum > 1:
         for g in total.values():
             g *= 1.0 / cfg.grad_accum
-    norm = clip_grad_norm(total, cfg.grad_clip) if cfg.grad_clip > 0 else _global_norm(total)
+    norm = clip_grad_norm(total, cfg.grad_clip) if cfg.grad_clip > 0 else global_norm(total)
     loss, norm = float(loss_sum) / cfg.grad_accum, float(norm)
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step + 1}")
