@@ -115,8 +115,13 @@ def test_long_chunks_match_tiktoken(tok, ref):
 pieces = st.sampled_from([" ", "  ", "\n", "\r\n", "\t", "\u00a0", "'s", "'S", "'ll", "'",
                           "a", "Z", "é", "e\u0301", "中", "한", "ا", "१", "7", "42", "½",
                           "👍", "👨\u200d👩", "🇫🇷", "!", "...", "<|endoftext|>", "_", "\u200b"])
-texts = st.one_of(st.text(max_size=60),
-                  st.lists(pieces | st.text(max_size=3), max_size=25).map("".join))
+# Characters assigned in the Unicode version of Python's unicodedata (14.0 on 3.11). The `regex`
+# module follows the newest Unicode, tiktoken's tables an older one: for a letter or digit added
+# since (for instance U+323B0, CJK Extension J, Unicode 17) the two disagree on \p{L} / \p{N} and
+# so on where a chunk ends. docs/tokenizer.md says so; the property below holds for everything else.
+assigned = st.characters(exclude_categories=("Cn", "Cs"))   # Cs: lone surrogates, not text
+texts = st.one_of(st.text(assigned, max_size=60),
+                  st.lists(pieces | st.text(assigned, max_size=3), max_size=25).map("".join))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
