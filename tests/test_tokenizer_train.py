@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt2 import data
 from minigpt2.tokenizer import ENDOFTEXT, Tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -48,7 +47,8 @@ def shakespeare():
 
 @pytest.fixture(scope="module")
 def python_sources():
-    return data.python_sources(600_000, reverse=True)
+    from minigpt2.bench.tokenizer import python_sources
+    return python_sources(600_000, reverse=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,26 @@
 """``python -m minigpt2 bench <what>``: benchmarks against reference libraries.
 
-Each benchmark is a module with ``add_arguments(parser)`` and ``run(args)``, registered in
-``BENCHMARKS`` (the same shape as ``cli.COMMANDS``). The reference libraries (tiktoken,
-tokenizers, ...) are test-only dependencies: a benchmark imports them when it runs and says so
-when one is missing.
+Each benchmark is a module of this package with ``add_arguments(parser)`` and ``run(args)``,
+registered in ``BENCHMARKS`` (the same shape as ``cli.COMMANDS``): ``train`` (CPU; it hands
+``--device gpu`` to ``train_gpu``), ``generate``, ``tokenizer`` and ``bloom``. What they share
+(timing, the model flags, a batch, PyTorch twins of a model) is written once in ``common``.
+The reference libraries (PyTorch, transformers, tiktoken, tokenizers) are test-only
+dependencies: a benchmark imports them when it runs and says so when one is missing.
 """
 
 from __future__ import annotations
 
 import importlib
 
-# name -> (module, one-line help). Add a benchmark (train, generate, ...) with a line here.
+# name -> (module, one-line help). Add a benchmark with a module here and a line below.
 BENCHMARKS = {
-    "tokenizer": ("minigpt2.bench_tokenizer",
+    "tokenizer": ("minigpt2.bench.tokenizer",
                   "BPE encode/decode MB/s vs tiktoken, training time vs Hugging Face tokenizers"),
-    "train": ("minigpt2.bench_train",
+    "train": ("minigpt2.bench.train",
               "a training step (forward, backward, AdamW) vs transformers + torch.optim.AdamW"),
-    "generate": ("minigpt2.bench_generate",
+    "generate": ("minigpt2.bench.generate",
                  "KV-cache greedy generation vs transformers' generate on the same weights"),
-    "bloom": ("minigpt2.bench_bloom", "8-gram Bloom filter: hashing, insert and query throughput"),
+    "bloom": ("minigpt2.bench.bloom", "8-gram Bloom filter: hashing, insert and query throughput"),
 }
 
 

@@ -30,7 +30,8 @@ import statistics
 import subprocess
 import sys
 
-from .info import estimate_memory, flops_per_token
+from ..info import estimate_memory, flops_per_token
+from .common import batch_for, import_torch, model_argv, torch_adamw, torch_twin
 
 GiB = 1024 ** 3
 PRECISIONS = ("float32", "tf32", "float16")
@@ -63,7 +64,7 @@ def cuda_timed(xp, fn) -> float:
 
 def gpu_gemm_flops(cupy, precision, n=8192, repeat=3) -> float:
     """FLOP/s of an n^3 matrix multiply on the GPU in ``precision``."""
-    from .backend import set_tf32
+    from ..backend import set_tf32
     set_tf32(cupy, precision == "tf32")
     dtype = cupy.float16 if precision == "float16" else cupy.float32
     a = cupy.random.standard_normal((n, n), dtype=cupy.float32).astype(dtype)
@@ -93,9 +94,8 @@ def _ours(cfg, B, precision, recompute, memory):
     """minigpt2's step on the GPU; returns (step, name of the device)."""
     import cupy
 
-    from .bench_train import batch_for
-    from .model import GPT
-    from .optim import AdamW, LossScaler, global_norm
+    from ..model import GPT
+    from ..optim import AdamW, LossScaler, global_norm
     model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute)
     model.on_block = memory.sample
     opt = AdamW(model.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -124,8 +124,7 @@ def _torch(cfg, B, precision, attn, memory):
     """transformers' GPT-2 with our initial weights, on CUDA; returns the step function."""
     import torch
 
-    from .bench_train import batch_for, torch_adamw, torch_twin
-    from .model import GPT
+    from ..model import GPT
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -203,10 +202,9 @@ def measure(args, cfg, precision, framework) -> dict:
 
 def _child(args, cfg, precision, framework) -> dict:
     argv = [sys.executable, "-m", "minigpt2", "bench", "train", "--device", "gpu",
-            "--_precision", precision, "--_framework", framework, "--n-layer", str(cfg.n_layer),
-            "--n-head", str(cfg.n_head), "--n-embd", str(cfg.n_embd), "--vocab-size",
-            str(cfg.vocab_size), "--block-size", str(cfg.block_size), "--batch-size",
-            str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            "--_precision", precision, "--_framework", framework,
+            *model_argv(cfg, args.batch_size), "--steps", str(args.steps),
+            "--warmup", str(args.warmup)]
     if args.recompute:
         argv.append("--recompute")
     if args.no_gemm:
@@ -219,7 +217,7 @@ def _child(args, cfg, precision, framework) -> dict:
 
 
 def run_gpu(args, cfg) -> int:
-    from .backend import resolve_device
+    from ..backend import resolve_device
     if args._precision:                       # the child: measure and print one JSON line
         print(json.dumps(measure(args, cfg, args._precision, args._framework)))
         return 0
@@ -230,16 +228,12 @@ def run_gpu(args, cfg) -> int:
     if unknown:
         raise ValueError(f"--precisions takes {', '.join(PRECISIONS)}; got {', '.join(unknown)}")
     frameworks = ["minigpt2"]
-    try:
-        import torch
-        import transformers  # noqa: F401
+    torch = import_torch()
+    if torch is not None:
         if torch.cuda.is_available():
             frameworks += args.torch_attention.split(",")
         else:
             print("PyTorch here cannot see a CUDA GPU (a CPU build?): minigpt2's figures only")
-    except ImportError:
-        print("PyTorch/transformers not installed (pip install -r requirements-dev.txt): "
-              "minigpt2's figures only")
     B, T = args.batch_size, cfg.block_size
     tokens = B * T
     flops = flops_per_token(cfg, T)["train"] * tokens

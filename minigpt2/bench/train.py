@@ -20,38 +20,12 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 
-from .backend import to_numpy
-from .config import PRESETS, GPTConfig
-from .info import flops_per_token
-
-# nanoGPT's shakespeare-char model: the default subject of the benchmark
-SHAKESPEARE_CHAR = dict(n_layer=6, n_head=6, n_embd=384, vocab_size=65)
-
-
-def add_model_arguments(p, default_batch, default_block):
-    p.add_argument("--preset", choices=list(PRESETS),
-                   help="a GPT-2 size (default: nanoGPT's shakespeare-char model, 6 layers, "
-                        "6 heads, 384 channels, vocabulary 65)")
-    p.add_argument("--n-layer", type=int)
-    p.add_argument("--n-head", type=int)
-    p.add_argument("--n-embd", type=int)
-    p.add_argument("--vocab-size", type=int)
-    p.add_argument("--batch-size", type=int, default=default_batch)
-    p.add_argument("--block-size", type=int, default=default_block, help="T, the sequence length")
-
-
-def config_from_args(args) -> GPTConfig:
-    base = dict(PRESETS[args.preset], vocab_size=50257) if args.preset else dict(SHAKESPEARE_CHAR)
-    for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
-        if getattr(args, key) is not None:
-            base[key] = getattr(args, key)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return GPTConfig(block_size=args.block_size, **base)
+from ..info import flops_per_token
+from .common import (add_model_arguments, batch_for, best_of, blas_threads, config_from_args,
+                     import_torch, model_argv, timed, torch_adamw, torch_twin)
 
 
 def add_arguments(p):
@@ -63,7 +37,7 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                    help="gpu: both frameworks on the CUDA GPU in float32, TF32 and float16 "
-                        "mixed precision (minigpt2.bench_train_gpu)")
+                        "mixed precision (minigpt2.bench.train_gpu)")
     p.add_argument("--precisions", help="GPU: comma-separated, of float32, tf32, float16 "
                    "(default all three; tf32 for gpt2-xl)")
     p.add_argument("--torch-attention", default="sdpa,eager",
@@ -81,19 +55,13 @@ def add_arguments(p):
 # ---- the two training steps -------------------------------------------------------------------
 
 
-def batch_for(cfg, B, seed=0):
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, cfg.vocab_size, size=(B, cfg.block_size))
-    return idx, np.roll(idx, -1, axis=1)
-
-
 def minigpt2_step(cfg, B, device="cpu"):
     """A closure running one minigpt2 training step (and the model, for building twins).
 
     The step returns the loss as a 0-d array on the device (no host round trip); the batch is
     a host array, uploaded by the model each step as a training loop's would be."""
-    from .model import GPT
-    from .optim import AdamW
+    from ..model import GPT
+    from ..optim import AdamW
     model = GPT(cfg, seed=0, device=device)
     idx, targets = batch_for(cfg, B)
     opt = None
@@ -107,35 +75,6 @@ def minigpt2_step(cfg, B, device="cpu"):
         return loss
 
     return step, model
-
-
-def torch_twin(model, attn, device="cpu"):
-    """transformers' GPT2LMHeadModel holding exactly ``model``'s weights (float32, no dropout),
-    on the torch device ``device`` ("cpu" or "cuda")."""
-    import torch
-    import transformers
-    c = model.config
-    hf_cfg = transformers.GPT2Config(
-        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
-        vocab_size=c.vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1, attn_implementation=attn)
-    hf = transformers.GPT2LMHeadModel(hf_cfg)
-    state = hf.state_dict()
-    with torch.no_grad():
-        for name, p in model.params.items():
-            state["transformer." + name].copy_(torch.from_numpy(
-                np.asarray(to_numpy(p), dtype=np.float32)))
-    return hf.to(device)
-
-
-def torch_adamw(hf):
-    """torch.optim.AdamW over a transformers GPT-2 with minigpt2's bench settings: decay on the
-    2-D weights (the tied lm_head counted once, through wte), none on biases and LayerNorm."""
-    import torch
-    decay = [p for n, p in hf.named_parameters() if p.dim() >= 2 and n != "lm_head.weight"]
-    other = [p for p in hf.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                              {"params": other, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95))
 
 
 def torch_step(model, B, attn, device="cpu"):
@@ -165,31 +104,13 @@ def gemm_flops(n=2048, repeat=3) -> float:
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     a @ b
-    best = min(timed(lambda: a @ b) for _ in range(repeat))
-    return 2 * n ** 3 / best
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def blas_threads():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return None
-    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-    return max(counts) if counts else None
+    return 2 * n ** 3 / best_of(lambda: a @ b, repeat)
 
 
 def peak_memory_in_subprocess(framework, cfg, B) -> float | None:
     """MiB the resident set grows by over two training steps, in a fresh interpreter (Linux)."""
     argv = [sys.executable, "-m", "minigpt2", "bench", "train", "--_memory", framework,
-            "--n-layer", str(cfg.n_layer), "--n-head", str(cfg.n_head), "--n-embd",
-            str(cfg.n_embd), "--vocab-size", str(cfg.vocab_size), "--block-size",
-            str(cfg.block_size), "--batch-size", str(B)]
+            *model_argv(cfg, B)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         return None
@@ -233,7 +154,7 @@ def run(args) -> int:
     cfg = config_from_args(args)
     B = args.batch_size
     if args.device == "gpu":
-        from .bench_train_gpu import run_gpu
+        from .train_gpu import run_gpu
         return run_gpu(args, cfg)
     if args._memory:
         measure_memory(args._memory, cfg, B)
@@ -243,13 +164,7 @@ def run(args) -> int:
     tokens = B * cfg.block_size
     ours, model = minigpt2_step(cfg, B)
     rows = {"minigpt2": ours}        # framework key -> step function
-    try:
-        import torch
-        import transformers  # noqa: F401
-    except ImportError:
-        torch = None
-        print("PyTorch/transformers not installed (pip install -r requirements-dev.txt): "
-              "minigpt2's figures only")
+    torch = import_torch()
     threads = blas_threads()
     if torch is not None:
         if threads:

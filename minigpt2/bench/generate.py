@@ -12,7 +12,8 @@ import statistics
 
 import numpy as np
 
-from .bench_train import add_model_arguments, blas_threads, config_from_args, timed, torch_twin
+from .common import (add_model_arguments, blas_threads, config_from_args, import_torch, timed,
+                     torch_twin)
 
 
 def add_arguments(p):
@@ -24,7 +25,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .model import GPT
+    from ..model import GPT
     cfg = config_from_args(args)
     B, P, N = args.batch_size, args.prompt_tokens, args.new_tokens
     if P < 1 or N < 1 or P + N > cfg.block_size:
@@ -33,12 +34,7 @@ def run(args) -> int:
     model = GPT(cfg, seed=0).eval()
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(B, P))
     rows = {"minigpt2": lambda: model.generate(prompt, N, temperature=0)}
-    try:
-        import torch
-    except ImportError:
-        torch = None
-        print("PyTorch/transformers not installed (pip install -r requirements-dev.txt): "
-              "minigpt2's figures only")
+    torch = import_torch()
     if torch is not None:
         threads = blas_threads()
         if threads:

@@ -20,10 +20,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from .tokenizer import GPT2_SPLIT_PATTERN, Tokenizer, gpt2_files
+from ..tokenizer import GPT2_SPLIT_PATTERN, Tokenizer, gpt2_files
+from .common import best_of
 
 MB = 1e6
 
@@ -41,17 +41,25 @@ def bench_text(data: Path | None) -> str:
         if not data.is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
         return data.read_text(encoding="utf-8")
-    from .data import python_sources, shakespeare_text
+    from ..data import shakespeare_text
     return shakespeare_text() + python_sources(2_000_000)
 
 
-def best_of(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def python_sources(max_chars: int, reverse: bool = False) -> str:
+    """Python standard library sources (the ``*.py`` files of this interpreter's stdlib, in
+    sorted order, or reverse-sorted), whole files until at least ``max_chars`` characters: a
+    corpus of code that every machine has, for the tokenizer bench and tests."""
+    import sysconfig
+    parts, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"), reverse=reverse):
+        try:
+            parts.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+        size += len(parts[-1])
+        if size >= max_chars:
+            break
+    return "".join(parts)
 
 
 _HF_TRAIN = """

@@ -9,10 +9,9 @@ No reference library: the figures are MB of text and millions of 8-grams per sec
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
+
+from .common import median_of
 
 
 def add_arguments(p):
@@ -34,23 +33,15 @@ def random_text(n_words: int, seed: int, alphabet="abcdefghijklmnopqrstuvwxyz012
     return "".join(np.char.add(words, seps).tolist()).title()
 
 
-def _best(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, statistics.median(times)
-
-
 def run(args) -> int:
-    from .eval.bloom import BloomFilter, text_ngram_hashes
+    from ..eval.bloom import BloomFilter, text_ngram_hashes
     if args.words < 16:
         raise ValueError(f"--words must be at least 16, got {args.words}")
     text = random_text(args.words, seed=0)
     other = random_text(args.words, seed=1, alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ")  # disjoint
     mb = len(text.encode("utf-8")) / 1e6
-    keys, t_hash = _best(lambda: text_ngram_hashes(text), args.repeat)
+    keys = text_ngram_hashes(text)                       # the keys, and a warm-up
+    t_hash = median_of(lambda: text_ngram_hashes(text), args.repeat)
     absent = text_ngram_hashes(other)
     f = BloomFilter.for_items(keys.size, args.rate)
 
@@ -58,8 +49,9 @@ def run(args) -> int:
         f.bits[:] = 0
         f.n_added = 0
         f.add(keys)
-    _, t_add = _best(insert, args.repeat)
-    hits, t_query = _best(lambda: f.contains(absent), args.repeat)
+    t_add = median_of(insert, args.repeat)
+    hits = f.contains(absent)
+    t_query = median_of(lambda: f.contains(absent), args.repeat)
     assert f.contains(keys).all(), "a key added to the filter was not found"
     n = keys.size / 1e6
     print(f"Bloom filter: {keys.size:,} 8-grams from {mb:.1f} MB of text; m = {f.m:,} bits "
