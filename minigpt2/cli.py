@@ -17,7 +17,7 @@ import sys
 # name -> (module, one-line help). Add a command by adding a module and a line here.
 COMMANDS = {
     "info": ("minigpt2.info", "parameter count, memory and FLOPs of a GPT-2 config"),
-    "train": ("minigpt2.train", "train a GPT on a corpus (default: Shakespeare, by character)"),
+    "train": ("minigpt2.train_cli", "train a GPT on a corpus (default: Shakespeare, by character)"),
     "sample": ("minigpt2.sample", "generate text from a trained model or a GPT-2 folder"),
     "plot": ("minigpt2.plot", "draw the loss curves of a training run to a PNG"),
     "download": ("minigpt2.download", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
