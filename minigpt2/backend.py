@@ -135,37 +135,6 @@ def block_slices(xp, n, item_bytes):
     return [slice(i, i + step) for i in range(0, n, step)]
 
 
-_MALLOC_TUNED = False
-
-
-def keep_freed_memory_for_reuse() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the kernel.
-
-    NumPy takes its arrays from malloc, which by default serves large blocks with fresh pages
-    mapped from the kernel and unmaps them again on free. A training step frees and re-allocates
-    the same temporaries every time, so it would page-fault on every 4 KiB of them, again and
-    again: about 30,000 faults and 0.1 s of kernel time per step on nanoGPT's char model, 7% of
-    the step. Raising malloc's mmap and trim thresholds keeps those blocks in the heap. The
-    process's resident memory then stays near its peak instead of shrinking between steps.
-    Linux with glibc only (elsewhere nothing changes). It changes the whole process, so the
-    library never calls it on its own: the ``train`` command does, for its own process, and
-    ``bench train`` does not (it would speed up PyTorch in the same process too). Returns
-    whether the thresholds were set.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        _MALLOC_TUNED = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and \
-            bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        _MALLOC_TUNED = False
-    return _MALLOC_TUNED
-
-
 def upload(xp, a):
     """A host (NumPy) array as an array of ``xp``: itself on the CPU; on the GPU, copied through
     page-locked (pinned) host memory, which the GPU reads by DMA without a staging copy."""
