@@ -13,9 +13,9 @@ A run folder DIR holds the latest state at its top level:
 
 Saving writes every file into a fresh temporary folder inside DIR first, then renames the files
 into place one by one, train_state.json last. A crash while writing leaves the previous
-checkpoint whole; the rename sequence itself takes microseconds, and should it ever be cut, the
-hashes in train_state.json no longer match and ``load_state`` says so instead of resuming from a
-mixture of two steps.
+checkpoint whole; the rename sequence itself is a few metadata operations, and should it ever be
+cut, the hashes in train_state.json no longer match and ``load_state`` says so instead of resuming
+from a mixture of two steps.
 """
 
 from __future__ import annotations
