@@ -1,8 +1,10 @@
-"""GPTConfig: the handful of numbers that define a GPT-2, and the paper's four sizes."""
+"""GPTConfig: the handful of numbers that define a GPT-2, the paper's four sizes, and the
+parameter layout they imply (every tensor's name and shape: ``BLOCK_PARAMS``, ``param_shapes``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # The four models of the paper (Table 2). The paper names them 117M, 345M, 762M and 1542M; the
@@ -69,13 +71,12 @@ class GPTConfig:
     def num_params(self) -> int:
         """Exact number of parameters, counted without allocating anything.
 
+        The sum over ``param_shapes(self)``, which works out to
         wte V*C + wpe T*C + per block (12*C^2 + 13*C) + ln_f 2*C. Per block: ln_1 and ln_2 have
         2*C each; c_attn C*3C + 3C; attn.c_proj C*C + C; c_fc C*4C + 4C; mlp.c_proj 4C*C + C.
         The LM head reuses wte (weight tying), so it adds nothing.
         """
-        C, V, T, L = self.n_embd, self.vocab_size, self.block_size, self.n_layer
-        per_block = 12 * C * C + 13 * C
-        return V * C + T * C + L * per_block + 2 * C
+        return sum(math.prod(shape) for shape in param_shapes(self).values())
 
     # --- Hugging Face config.json ------------------------------------------------------------
 
@@ -151,3 +152,36 @@ class GPTConfig:
             "bos_token_id": special,
             "eos_token_id": special,
         }
+
+
+# --- the parameter layout ---------------------------------------------------------------------
+
+# the parameters of one block, in the order of the Hugging Face checkpoint, with their shapes as
+# functions of C (the Conv1D layout of GPT-2: a linear layer's weight is (in, out))
+BLOCK_PARAMS = (
+    ("ln_1.weight", lambda C: (C,)),
+    ("ln_1.bias", lambda C: (C,)),
+    ("attn.c_attn.weight", lambda C: (C, 3 * C)),
+    ("attn.c_attn.bias", lambda C: (3 * C,)),
+    ("attn.c_proj.weight", lambda C: (C, C)),
+    ("attn.c_proj.bias", lambda C: (C,)),
+    ("ln_2.weight", lambda C: (C,)),
+    ("ln_2.bias", lambda C: (C,)),
+    ("mlp.c_fc.weight", lambda C: (C, 4 * C)),
+    ("mlp.c_fc.bias", lambda C: (4 * C,)),
+    ("mlp.c_proj.weight", lambda C: (4 * C, C)),
+    ("mlp.c_proj.bias", lambda C: (C,)),
+)
+
+
+def param_shapes(cfg: GPTConfig) -> dict:
+    """Every parameter's name (GPT-2's, without "transformer.") and shape, in checkpoint order:
+    wte (V, C), wpe (T, C), the L blocks "h.0." ... "h.{L-1}." of ``BLOCK_PARAMS``, ln_f (C,)."""
+    C = cfg.n_embd
+    shapes = {"wte.weight": (cfg.vocab_size, C), "wpe.weight": (cfg.block_size, C)}
+    for i in range(cfg.n_layer):
+        for name, shape in BLOCK_PARAMS:
+            shapes[f"h.{i}.{name}"] = shape(C)
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    return shapes

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
-from .config import GPTConfig
+from .config import GPTConfig, param_shapes
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -88,8 +88,6 @@ def load_pretrained(directory) -> tuple[GPTConfig, dict]:
     Refuses, naming them: configs that are not exactly GPT-2, and missing, unexpected or
     mis-shaped tensors.
     """
-    from .model import param_shapes
-
     directory = Path(directory)
     cfg = read_config(directory)
     raw = _read_weights(directory)
