@@ -41,8 +41,9 @@ def check_download(directory: Path) -> str:
     weights. Returns a one-line summary."""
     from safetensors import safe_open
 
-    from .config import GPTConfig, param_shapes
-    cfg = GPTConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
+    from .config import param_shapes
+    from .hf import config_from_hf
+    cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
     expected = param_shapes(cfg)
     with safe_open(str(directory / "model.safetensors"), framework="numpy") as f:
         shapes = {k.removeprefix("transformer."): tuple(f.get_slice(k).get_shape())
