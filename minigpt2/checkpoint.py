@@ -11,8 +11,9 @@ A run folder DIR holds the latest state at its top level:
     metrics.jsonl                     one JSON line per logged step (written by the training loop)
     best/                             model + tokenizer of the best validation loss
 
-Saving writes every file into a fresh temporary folder inside DIR first, then renames the files
-into place one by one, train_state.json last. A crash while writing leaves the previous
+Saving writes every file (each through ``files.write_atomic``: whole, fsynced, with the user's
+umask) into a fresh temporary folder inside DIR first, then renames the files into place one by
+one, train_state.json last, and fsyncs DIR. A crash while writing leaves the previous
 checkpoint whole; the rename sequence itself takes microseconds, and should it ever be cut, the
 hashes in train_state.json no longer match and ``load_state`` says so instead of resuming from a
 mixture of two steps.
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
+from .files import fsync_dir, write_atomic
 
 STATE = "train_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -69,7 +71,8 @@ def _save_optimizer(opt, path: Path, step: int) -> None:
     for name in opt.params:
         tensors[f"m.{name}"] = np.ascontiguousarray(to_numpy(opt.m[name]))
         tensors[f"v.{name}"] = np.ascontiguousarray(to_numpy(opt.v[name]))
-    save_file(tensors, str(path), metadata={"step": str(step)})
+    write_atomic(path, writer=lambda tmp: save_file(tensors, str(tmp),
+                                                    metadata={"step": str(step)}))
 
 
 def load_optimizer_state(directory, opt) -> None:
@@ -108,10 +111,11 @@ def save_checkpoint(directory, model, opt, tokenizer, state: dict) -> None:
                                 "eps": opt.eps, "weight_decay": opt.weight_decay},
                      sha256={name: _sha256(tmp / name)
                              for name in ("model.safetensors", OPTIMIZER)})
-        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        write_atomic(tmp / STATE, json.dumps(state, indent=2) + "\n")
         # every file is whole on disk now; move them in, the state (which names them) last
         for f in sorted(tmp.iterdir(), key=lambda p: (p.name == STATE, p.name)):
             os.replace(f, directory / f.name)
+        fsync_dir(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -126,6 +130,7 @@ def save_best(directory, model, tokenizer) -> None:
         tokenizer.save(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, best / f.name)
+        fsync_dir(best)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -152,3 +157,4 @@ def load_state(directory) -> dict:
                              "save was cut between renames; the model in "
                              f"{directory / BEST} is still whole")
     return state
+

@@ -16,14 +16,13 @@ and is not stored separately here. Old checkpoints also carry ``h.N.attn.bias`` 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .backend import to_numpy
 from .config import LAYER_NORM_EPS, GPTConfig, param_shapes
+from .files import write_atomic
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -208,29 +207,14 @@ def load_pretrained(directory) -> tuple[GPTConfig, dict]:
 def save_pretrained(model, directory) -> None:
     """Write ``model`` as transformers' ``GPT2LMHeadModel.save_pretrained`` would.
 
-    The files are written under temporary names and renamed into place, so an interrupted save
-    never leaves a half-written model.safetensors behind.
+    Each file is written whole or not at all (``files.write_atomic``), the weights first and the
+    small config.json after them: a save cut while the weights are written leaves the previous
+    model whole. (A training run's folder needs more: see ``checkpoint.save_checkpoint``.)
     """
     from safetensors.numpy import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {PREFIX + name: np.ascontiguousarray(to_numpy(p)) for name, p in model.params.items()}
-    config = json.dumps(config_to_hf(model.config), indent=2) + "\n"
-
-    written = []
-    try:
-        fd, tmp_weights = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        written.append(tmp_weights)
-        save_file(tensors, tmp_weights, metadata={"format": "pt"})
-        fd, tmp_config = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=directory)
-        written.append(tmp_config)
-        with os.fdopen(fd, "w") as f:
-            f.write(config)
-        os.replace(tmp_weights, directory / WEIGHTS)
-        os.replace(tmp_config, directory / CONFIG)
-    finally:
-        for path in written:
-            if os.path.exists(path):
-                os.remove(path)
+    write_atomic(directory / WEIGHTS,
+                 writer=lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_atomic(directory / CONFIG, json.dumps(config_to_hf(model.config), indent=2) + "\n")

@@ -116,3 +116,18 @@ def test_state_file_is_plain_json(tmp_path):
     raw = json.loads((tmp_path / "train_state.json").read_text())
     assert raw["rng"]["data"]["bit_generator"] == "PCG64"
     assert set(raw["sha256"]) == {"model.safetensors", "optimizer.safetensors"}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_run_folder_files_get_the_permissions_of_the_umask(tmp_path):
+    model, opt, tok, rng = tiny_run()
+    old = os.umask(0o022)
+    try:
+        checkpoint.save_checkpoint(tmp_path, model, opt, tok, state(1, rng, model))
+        checkpoint.save_best(tmp_path, model, tok)
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 8
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == \
+        {p.name: "0o644" for p in written}           # not mkstemp's owner-only 0o600
