@@ -11,11 +11,15 @@ A run folder DIR holds the latest state at its top level:
     metrics.jsonl                     one JSON line per logged step (written by the training loop)
     best/                             model + tokenizer of the best validation loss
 
-Saving writes every file into a fresh temporary folder inside DIR first, then renames the files
-into place one by one, train_state.json last. A crash while writing leaves the previous
-checkpoint whole; the rename sequence itself is a few metadata operations, and should it ever be
-cut, the hashes in train_state.json no longer match and ``load_state`` says so instead of resuming
-from a mixture of two steps.
+``load_model_folder`` reads a model back with its tokenizer, from a run folder or from any
+Hugging Face GPT-2 folder; ``sample`` and ``eval`` load through it.
+
+Saving writes every file (each through ``files.write_atomic``: whole, fsynced, with the user's
+umask) into a fresh temporary folder inside DIR first, then renames the files into place one by
+one, train_state.json last, and fsyncs DIR. A crash while writing leaves the previous
+checkpoint whole; the rename sequence itself is a few metadata operations, and should it ever be cut, the
+hashes in train_state.json no longer match and ``load_state`` says so instead of resuming from a
+mixture of two steps.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import data
 from .backend import to_numpy
+from .files import fsync_dir, write_atomic
+from .model import GPT
 
 STATE = "train_state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -69,7 +76,8 @@ def _save_optimizer(opt, path: Path, step: int) -> None:
     for name in opt.params:
         tensors[f"m.{name}"] = np.ascontiguousarray(to_numpy(opt.m[name]))
         tensors[f"v.{name}"] = np.ascontiguousarray(to_numpy(opt.v[name]))
-    save_file(tensors, str(path), metadata={"step": str(step)})
+    write_atomic(path, writer=lambda tmp: save_file(tensors, str(tmp),
+                                                    metadata={"step": str(step)}))
 
 
 def load_optimizer_state(directory, opt) -> None:
@@ -108,10 +116,11 @@ def save_checkpoint(directory, model, opt, tokenizer, state: dict) -> None:
                                 "eps": opt.eps, "weight_decay": opt.weight_decay},
                      sha256={name: _sha256(tmp / name)
                              for name in ("model.safetensors", OPTIMIZER)})
-        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        write_atomic(tmp / STATE, json.dumps(state, indent=2) + "\n")
         # every file is whole on disk now; move them in, the state (which names them) last
         for f in sorted(tmp.iterdir(), key=lambda p: (p.name == STATE, p.name)):
             os.replace(f, directory / f.name)
+        fsync_dir(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -126,6 +135,7 @@ def save_best(directory, model, tokenizer) -> None:
         tokenizer.save(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, best / f.name)
+        fsync_dir(best)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -152,3 +162,34 @@ def load_state(directory) -> dict:
                              "save was cut between renames; the model in "
                              f"{directory / BEST} is still whole")
     return state
+
+
+def resolve_model_dir(directory) -> tuple[Path, bool]:
+    """(the folder to load, whether it is DIR/best): a run folder's best/ model when it has one,
+    else the folder itself."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model folder {directory} not found")
+    best = directory / BEST
+    if (best / "model.safetensors").is_file() and (best / "config.json").is_file():
+        return best, True
+    return directory, False
+
+
+def load_model_folder(directory, device="cpu", dtype="float32"):
+    """(model in eval mode, tokenizer, the folder read) of a model folder.
+
+    ``directory`` is a ``train`` run folder (its best/ model when present) or any Hugging Face
+    GPT-2 folder. The tokenizer is the one saved beside the model (chars.json, or vocab.json +
+    merges.txt), else GPT-2's own vocabulary; one with more tokens than the model's vocabulary is
+    refused. It lives here, beside the run-folder layout it reads (best/, the tokenizer files next
+    to the model), which the Hugging Face format alone (hf.py) does not know.
+    """
+    folder, _ = resolve_model_dir(directory)
+    tokenizer = data.load_tokenizer(folder)
+    model = GPT.from_pretrained(folder, device=device, dtype=dtype).eval()
+    if data.vocab_size_of(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {folder} has {data.vocab_size_of(tokenizer)} tokens "
+                         f"but the model only {model.config.vocab_size}: they do not belong "
+                         "together")
+    return model, tokenizer, folder

@@ -1,8 +1,10 @@
-"""GPTConfig: the handful of numbers that define a GPT-2, and the paper's four sizes."""
+"""GPTConfig: the handful of numbers that define a GPT-2, the paper's four sizes, and the
+parameter layout they imply (every tensor's name and shape: ``BLOCK_PARAMS``, ``param_shapes``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # The four models of the paper (Table 2). The paper names them 117M, 345M, 762M and 1542M; the
@@ -69,85 +71,42 @@ class GPTConfig:
     def num_params(self) -> int:
         """Exact number of parameters, counted without allocating anything.
 
+        The sum over ``param_shapes(self)``, which works out to
         wte V*C + wpe T*C + per block (12*C^2 + 13*C) + ln_f 2*C. Per block: ln_1 and ln_2 have
         2*C each; c_attn C*3C + 3C; attn.c_proj C*C + C; c_fc C*4C + 4C; mlp.c_proj 4C*C + C.
         The LM head reuses wte (weight tying), so it adds nothing.
         """
-        C, V, T, L = self.n_embd, self.vocab_size, self.block_size, self.n_layer
-        per_block = 12 * C * C + 13 * C
-        return V * C + T * C + L * per_block + 2 * C
+        return sum(math.prod(shape) for shape in param_shapes(self).values())
 
-    # --- Hugging Face config.json ------------------------------------------------------------
 
-    @classmethod
-    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "GPTConfig":
-        """Build a config from a Hugging Face ``GPT2Config`` dict, refusing what GPT-2 here is not.
+# --- the parameter layout ---------------------------------------------------------------------
 
-        Only settings minigpt2 computes exactly are accepted; anything else raises ValueError
-        naming the field, so a model is never silently loaded with different math.
-        """
-        model_type = hf.get("model_type", "gpt2")
-        if model_type != "gpt2":
-            raise ValueError(f"{source}: model_type is {model_type!r}; minigpt2 loads only 'gpt2'")
-        missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
-        if missing:
-            raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
-        block_size = hf.get("n_positions", hf.get("n_ctx", 1024))
+# the parameters of one block, in the order of the Hugging Face checkpoint, with their shapes as
+# functions of C (the Conv1D layout of GPT-2: a linear layer's weight is (in, out))
+BLOCK_PARAMS = (
+    ("ln_1.weight", lambda C: (C,)),
+    ("ln_1.bias", lambda C: (C,)),
+    ("attn.c_attn.weight", lambda C: (C, 3 * C)),
+    ("attn.c_attn.bias", lambda C: (3 * C,)),
+    ("attn.c_proj.weight", lambda C: (C, C)),
+    ("attn.c_proj.bias", lambda C: (C,)),
+    ("ln_2.weight", lambda C: (C,)),
+    ("ln_2.bias", lambda C: (C,)),
+    ("mlp.c_fc.weight", lambda C: (C, 4 * C)),
+    ("mlp.c_fc.bias", lambda C: (4 * C,)),
+    ("mlp.c_proj.weight", lambda C: (4 * C, C)),
+    ("mlp.c_proj.bias", lambda C: (C,)),
+)
 
-        def refuse(field, value, expected):
-            raise ValueError(
-                f"{source}: {field} = {value!r} is not supported (minigpt2 implements GPT-2 "
-                f"exactly and needs {field} = {expected}); this checkpoint cannot be loaded"
-            )
 
-        eps = hf.get("layer_norm_epsilon", 1e-5)
-        if eps != LAYER_NORM_EPS:
-            refuse("layer_norm_epsilon", eps, LAYER_NORM_EPS)
-        act = hf.get("activation_function", "gelu_new")
-        if act != "gelu_new":
-            refuse("activation_function", act, "'gelu_new'")
-        n_inner = hf.get("n_inner")
-        if n_inner is not None and n_inner != 4 * hf["n_embd"]:
-            refuse("n_inner", n_inner, f"None or 4*n_embd = {4 * hf['n_embd']}")
-        for field, expected in (
-            ("tie_word_embeddings", True),
-            ("scale_attn_weights", True),
-            ("scale_attn_by_inverse_layer_idx", False),
-            ("add_cross_attention", False),
-        ):
-            if field in hf and hf[field] != expected:
-                refuse(field, hf[field], expected)
-        try:
-            return cls(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                       block_size=block_size, vocab_size=hf["vocab_size"])
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-
-    def to_hf_dict(self) -> dict:
-        """A ``config.json`` dict that transformers' ``GPT2LMHeadModel`` loads as this model."""
-        # GPT-2 uses <|endoftext|> (id 50256) as bos and eos; a small vocabulary has no such token,
-        # so the last id stands in, which keeps the ids valid for transformers' generate().
-        special = 50256 if self.vocab_size == 50257 else self.vocab_size - 1
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_embd": self.n_embd,
-            "n_positions": self.block_size,
-            "n_ctx": self.block_size,
-            "vocab_size": self.vocab_size,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": LAYER_NORM_EPS,
-            "resid_pdrop": self.dropout,
-            "embd_pdrop": self.dropout,
-            "attn_pdrop": self.dropout,
-            "initializer_range": 0.02,
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": True,
-            "bos_token_id": special,
-            "eos_token_id": special,
-        }
+def param_shapes(cfg: GPTConfig) -> dict:
+    """Every parameter's name (GPT-2's, without "transformer.") and shape, in checkpoint order:
+    wte (V, C), wpe (T, C), the L blocks "h.0." ... "h.{L-1}." of ``BLOCK_PARAMS``, ln_f (C,)."""
+    C = cfg.n_embd
+    shapes = {"wte.weight": (cfg.vocab_size, C), "wpe.weight": (cfg.block_size, C)}
+    for i in range(cfg.n_layer):
+        for name, shape in BLOCK_PARAMS:
+            shapes[f"h.{i}.{name}"] = shape(C)
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    return shapes

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import write_atomic
+
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                        "tinyshakespeare/input.txt")
 TOKEN_DTYPE = np.dtype("<u2")       # uint16 little-endian: ids up to 65,535 (GPT-2's 50,257 fit)
@@ -304,19 +306,6 @@ def encode_to_array(tok, text: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # token files
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_tokens(path, ids) -> None:

@@ -1,8 +1,9 @@
 """``python -m minigpt2 download gpt2 DIR``: OpenAI's GPT-2 weights from the Hugging Face Hub.
 
-Fetches config.json and model.safetensors over plain HTTPS (no extra library), writes them under
-temporary names and moves them into place only after checking them: the config must be GPT-2's,
-and the weights must hold exactly the tensors and shapes that config implies.
+Fetches config.json and model.safetensors over plain HTTPS (no extra library) into a temporary
+folder inside DIR (each file through ``files.write_atomic``: whole and fsynced) and moves them
+into place only after checking them: the config must be GPT-2's, and the weights must hold
+exactly the tensors and shapes that config implies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .files import fsync_dir, write_atomic
+
 HUB = "https://huggingface.co"
 REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
          "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -23,6 +26,10 @@ FILES = ("config.json", "model.safetensors")
 
 
 def _fetch(url: str, target: Path) -> None:
+    write_atomic(target, writer=lambda tmp: _download(url, tmp))
+
+
+def _download(url: str, target: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
             size = response.headers.get("Content-Length")
@@ -41,9 +48,9 @@ def check_download(directory: Path) -> str:
     weights. Returns a one-line summary."""
     from safetensors import safe_open
 
-    from .config import GPTConfig
-    from .model import param_shapes
-    cfg = GPTConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
+    from .config import param_shapes
+    from .hf import config_from_hf
+    cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
     expected = param_shapes(cfg)
     with safe_open(str(directory / "model.safetensors"), framework="numpy") as f:
         shapes = {k.removeprefix("transformer."): tuple(f.get_slice(k).get_shape())
@@ -75,6 +82,7 @@ def run(args) -> int:
         summary = check_download(tmp)
         for name in FILES:
             os.replace(tmp / name, directory / name)
+        fsync_dir(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{args.model} in {directory}: {summary}")

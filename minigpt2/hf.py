@@ -1,4 +1,8 @@
-"""Weights in the Hugging Face GPT-2 layout: config.json + model.safetensors (or shards).
+"""The Hugging Face GPT-2 format, whole: config.json + model.safetensors (or shards).
+
+config.json is transformers' ``GPT2Config``; ``config_from_hf`` / ``config_to_hf`` translate it
+to and from ``GPTConfig`` (n_positions is block_size; settings minigpt2 would compute differently
+are refused). The tensors' names and shapes come from the layout in ``config.param_shapes``.
 
 The safetensors format stores raw tensors and a JSON header, so loading never runs code (unlike
 pickle-based ``pytorch_model.bin``, which minigpt2 refuses to read).
@@ -12,14 +16,13 @@ and is not stored separately here. Old checkpoints also carry ``h.N.attn.bias`` 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .backend import to_numpy
-from .config import GPTConfig
+from .config import LAYER_NORM_EPS, GPTConfig, param_shapes
+from .files import write_atomic
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -27,6 +30,86 @@ INDEX = "model.safetensors.index.json"
 PREFIX = "transformer."
 BUFFERS = (".attn.bias", ".attn.masked_bias")
 
+
+# --- config.json: GPT2Config <-> GPTConfig --------------------------------------------------
+
+def config_from_hf(hf: dict, source: str = CONFIG) -> GPTConfig:
+    """The GPTConfig of a Hugging Face ``GPT2Config`` dict (config.json), refusing what GPT-2 here
+    is not. ``source`` names the file in error messages.
+
+    Only settings minigpt2 computes exactly are accepted; anything else raises ValueError
+    naming the field, so a model is never silently loaded with different math.
+    """
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"{source}: model_type is {model_type!r}; minigpt2 loads only 'gpt2'")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
+    block_size = hf.get("n_positions", hf.get("n_ctx", 1024))
+
+    def refuse(field, value, expected):
+        raise ValueError(
+            f"{source}: {field} = {value!r} is not supported (minigpt2 implements GPT-2 "
+            f"exactly and needs {field} = {expected}); this checkpoint cannot be loaded"
+        )
+
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if eps != LAYER_NORM_EPS:
+        refuse("layer_norm_epsilon", eps, LAYER_NORM_EPS)
+    act = hf.get("activation_function", "gelu_new")
+    if act != "gelu_new":
+        refuse("activation_function", act, "'gelu_new'")
+    n_inner = hf.get("n_inner")
+    if n_inner is not None and n_inner != 4 * hf["n_embd"]:
+        refuse("n_inner", n_inner, f"None or 4*n_embd = {4 * hf['n_embd']}")
+    for field, expected in (
+        ("tie_word_embeddings", True),
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
+        if field in hf and hf[field] != expected:
+            refuse(field, hf[field], expected)
+    try:
+        return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         block_size=block_size, vocab_size=hf["vocab_size"])
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_to_hf(cfg: GPTConfig) -> dict:
+    """A ``config.json`` dict that transformers' ``GPT2LMHeadModel`` loads as ``cfg``. Dropout is
+    written as the three ``*_pdrop`` fields (``config_from_hf`` does not take them back)."""
+    # GPT-2 uses <|endoftext|> (id 50256) as bos and eos; a small vocabulary has no such token,
+    # so the last id stands in, which keeps the ids valid for transformers' generate().
+    special = 50256 if cfg.vocab_size == 50257 else cfg.vocab_size - 1
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_embd": cfg.n_embd,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "vocab_size": cfg.vocab_size,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": special,
+        "eos_token_id": special,
+    }
+
+
+# --- safetensors: the tensors, whole or in shards -------------------------------------------
 
 def _read_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError, safe_open
@@ -79,7 +162,7 @@ def read_config(directory) -> GPTConfig:
         hf_config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-    return GPTConfig.from_hf_dict(hf_config, source=str(config_path))
+    return config_from_hf(hf_config, source=str(config_path))
 
 
 def load_pretrained(directory) -> tuple[GPTConfig, dict]:
@@ -88,8 +171,6 @@ def load_pretrained(directory) -> tuple[GPTConfig, dict]:
     Refuses, naming them: configs that are not exactly GPT-2, and missing, unexpected or
     mis-shaped tensors.
     """
-    from .model import param_shapes
-
     directory = Path(directory)
     cfg = read_config(directory)
     raw = _read_weights(directory)
@@ -126,29 +207,14 @@ def load_pretrained(directory) -> tuple[GPTConfig, dict]:
 def save_pretrained(model, directory) -> None:
     """Write ``model`` as transformers' ``GPT2LMHeadModel.save_pretrained`` would.
 
-    The files are written under temporary names and renamed into place, so an interrupted save
-    never leaves a half-written model.safetensors behind.
+    Each file is written whole or not at all (``files.write_atomic``), the weights first and the
+    small config.json after them: a save cut while the weights are written leaves the previous
+    model whole. (A training run's folder needs more: see ``checkpoint.save_checkpoint``.)
     """
     from safetensors.numpy import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {PREFIX + name: np.ascontiguousarray(to_numpy(p)) for name, p in model.params.items()}
-    config = json.dumps(model.config.to_hf_dict(), indent=2) + "\n"
-
-    written = []
-    try:
-        fd, tmp_weights = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        written.append(tmp_weights)
-        save_file(tensors, tmp_weights, metadata={"format": "pt"})
-        fd, tmp_config = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=directory)
-        written.append(tmp_config)
-        with os.fdopen(fd, "w") as f:
-            f.write(config)
-        os.replace(tmp_weights, directory / WEIGHTS)
-        os.replace(tmp_config, directory / CONFIG)
-    finally:
-        for path in written:
-            if os.path.exists(path):
-                os.remove(path)
+    write_atomic(directory / WEIGHTS,
+                 writer=lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_atomic(directory / CONFIG, json.dumps(config_to_hf(model.config), indent=2) + "\n")

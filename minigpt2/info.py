@@ -7,26 +7,27 @@ backward keeps (an estimate from the caches each layer stores), and FLOPs per to
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from .config import PRESETS, GPTConfig
+from .config import BLOCK_PARAMS, PRESETS, GPTConfig, param_shapes
 from .hf import read_config
 
 GiB = 1024 ** 3
 
 
 def parameter_breakdown(cfg: GPTConfig) -> dict:
-    """Exact parameter counts by part; they add up to ``cfg.num_params()``."""
-    C = cfg.n_embd
-    return {
-        "wte": cfg.vocab_size * C,
-        "wpe": cfg.block_size * C,
-        "per_block": 12 * C * C + 13 * C,
-        "blocks": cfg.n_layer * (12 * C * C + 13 * C),
-        "ln_f": 2 * C,
-    }
+    """Exact parameter counts by part, summed from the layout (``config.param_shapes``):
+    wte, wpe, one block, all blocks, ln_f. They add up to ``cfg.num_params()``."""
+    parts = {"wte": 0, "wpe": 0, "blocks": 0, "ln_f": 0}
+    for name, shape in param_shapes(cfg).items():
+        part = name.split(".")[0]                     # "h.3.ln_1.weight" -> "h"
+        parts["blocks" if part == "h" else part] += math.prod(shape)
+    per_block = sum(math.prod(shape(cfg.n_embd)) for _, shape in BLOCK_PARAMS)
+    return {"wte": parts["wte"], "wpe": parts["wpe"], "per_block": per_block,
+            "blocks": parts["blocks"], "ln_f": parts["ln_f"]}
 
 
 def activation_floats(cfg: GPTConfig, batch_size: int, T: int, recompute: bool = False) -> int:

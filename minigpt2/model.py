@@ -20,7 +20,7 @@ import numpy as np
 
 from . import layers
 from .backend import array_module, get_xp, resolve_device, resolve_dtype, set_tf32, upload
-from .config import LAYER_NORM_EPS, GPTConfig
+from .config import BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, param_shapes
 
 # How a forward and backward compute (the weights in model.params keep the model's dtype):
 #   "float32"  float32 everywhere; on the GPU, matrix multiplies in full float32 (no TF32)
@@ -30,35 +30,6 @@ from .config import LAYER_NORM_EPS, GPTConfig
 #              scaled by ``loss_scale`` for the backward and the gradients returned in float32,
 #              unscaled (an overflow shows as non-finite gradients: see optim.LossScaler)
 PRECISIONS = ("float32", "tf32", "float16")
-
-# the parameters of one block, in the order of the Hugging Face checkpoint, with their shapes
-BLOCK_PARAMS = (
-    ("ln_1.weight", lambda C: (C,)),
-    ("ln_1.bias", lambda C: (C,)),
-    ("attn.c_attn.weight", lambda C: (C, 3 * C)),
-    ("attn.c_attn.bias", lambda C: (3 * C,)),
-    ("attn.c_proj.weight", lambda C: (C, C)),
-    ("attn.c_proj.bias", lambda C: (C,)),
-    ("ln_2.weight", lambda C: (C,)),
-    ("ln_2.bias", lambda C: (C,)),
-    ("mlp.c_fc.weight", lambda C: (C, 4 * C)),
-    ("mlp.c_fc.bias", lambda C: (4 * C,)),
-    ("mlp.c_proj.weight", lambda C: (4 * C, C)),
-    ("mlp.c_proj.bias", lambda C: (C,)),
-)
-
-
-def param_shapes(cfg: GPTConfig) -> dict:
-    """Every parameter's name (GPT-2's, without "transformer.") and shape, in checkpoint order."""
-    C = cfg.n_embd
-    shapes = {"wte.weight": (cfg.vocab_size, C), "wpe.weight": (cfg.block_size, C)}
-    for i in range(cfg.n_layer):
-        for name, shape in BLOCK_PARAMS:
-            shapes[f"h.{i}.{name}"] = shape(C)
-    shapes["ln_f.weight"] = (C,)
-    shapes["ln_f.bias"] = (C,)
-    return shapes
-
 
 def init_params(cfg: GPTConfig, seed: int, dtype) -> dict:
     """GPT-2's initialisation, drawn on the host so a seed gives the same weights on CPU and GPU.

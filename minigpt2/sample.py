@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .checkpoint import BEST
-from .model import GPT
+from .checkpoint import load_model_folder
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
@@ -33,17 +32,6 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     if len(ids) == 0:
         raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
     return list(ids)
-
-
-def resolve_model_dir(directory) -> tuple[Path, bool]:
-    """(the folder to load, whether it is DIR/best)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model folder {directory} not found")
-    best = directory / BEST
-    if (best / "model.safetensors").is_file() and (best / "config.json").is_file():
-        return best, True
-    return directory, False
 
 
 def add_arguments(p):
@@ -67,20 +55,14 @@ def run(args) -> int:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    folder, is_best = resolve_model_dir(args.dir)
-    tokenizer = data.load_tokenizer(folder)
-    model = GPT.from_pretrained(folder, device=args.device, dtype=args.dtype).eval()
-    if data.vocab_size_of(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {folder} has {data.vocab_size_of(tokenizer)} tokens "
-                         f"but the model only {model.config.vocab_size}: they do not belong "
-                         "together")
+    model, tokenizer, folder = load_model_folder(args.dir, args.device, args.dtype)
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     ids = encode_prompt(tokenizer, prompt)
     top_k = min(args.top_k, model.config.vocab_size) if args.top_k else None
     idx = np.asarray([ids] * args.num_samples)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=top_k,
                          top_p=args.top_p, seed=args.seed)
-    if is_best:
+    if folder != Path(args.dir):
         print(f"using {folder} (the best validation loss of the run)", file=sys.stderr)
     texts = [tokenizer.decode([int(i) for i in row]) for row in out.tolist()]
     print(SEPARATOR.join(texts))

@@ -562,14 +562,14 @@ class Tokenizer:
         """Write ``vocab.json`` (token -> id, all tokens) and ``merges.txt`` (``#version: 0.2``
         header, one merge per line in rank order, final newline) — GPT-2's encoder.json and
         vocab.bpe under the Hugging Face names, readable by transformers and tiktoken."""
+        from .files import write_atomic
+
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         table = {self.token_str(i): i for i in sorted(self._decoder)}
-        (directory / "vocab.json").write_text(json.dumps(table, ensure_ascii=False) + "\n",
-                                              encoding="utf-8")
+        write_atomic(directory / "vocab.json", json.dumps(table, ensure_ascii=False) + "\n")
         lines = [MERGES_HEADER] + [f"{self.token_str(a)} {self.token_str(b)}"
                                    for a, b in self.merges]
-        (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_atomic(directory / "merges.txt", "\n".join(lines) + "\n")
 
     # --- training ---------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ import numpy as np
 from . import checkpoint, data
 from .backend import resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
+from .files import write_atomic
 from .model import GPT, PRECISIONS
 from .optim import AdamW, LossScaler, clip_grad_norm, global_norm
 
@@ -367,7 +368,7 @@ def _start_log(run: Run, resumed_from: str | None) -> Path:
         shutil.rmtree(run.out / checkpoint.BEST, ignore_errors=True)  # no stale best/
     kept = [] if resumed_from is None else _read_metrics(Path(resumed_from) / METRICS, run.step)
     path = run.out / METRICS
-    data.write_atomic(path, "".join(line + "\n" for line in kept).encode())
+    write_atomic(path, "".join(line + "\n" for line in kept))
     return path
 
 

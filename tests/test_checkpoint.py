@@ -116,3 +116,41 @@ def test_state_file_is_plain_json(tmp_path):
     raw = json.loads((tmp_path / "train_state.json").read_text())
     assert raw["rng"]["data"]["bit_generator"] == "PCG64"
     assert set(raw["sha256"]) == {"model.safetensors", "optimizer.safetensors"}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_run_folder_files_get_the_permissions_of_the_umask(tmp_path):
+    model, opt, tok, rng = tiny_run()
+    old = os.umask(0o022)
+    try:
+        checkpoint.save_checkpoint(tmp_path, model, opt, tok, state(1, rng, model))
+        checkpoint.save_best(tmp_path, model, tok)
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 8
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == \
+        {p.name: "0o644" for p in written}           # not mkstemp's owner-only 0o600
+
+
+def test_a_checkpoint_written_before_the_atomic_write_helper_still_loads():
+    """tests/fixtures/checkpoint_v1: a run folder saved by the code before files.write_atomic
+    (GPT seed 0, one AdamW step on a fixed batch, character vocabulary "abcd\\n")."""
+    from pathlib import Path
+    folder = Path(__file__).parent / "fixtures" / "checkpoint_v1"
+    saved = checkpoint.load_state(folder)                 # the SHA-256 of both files still match
+    assert saved["step"] == 1 and saved["format"] == 1 and saved["optimizer"]["t"] == 1
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=5), seed=0)
+    opt = AdamW(model.params, lr=1e-2)
+    x = np.array([[0, 1, 2, 3], [4, 3, 2, 1]])
+    model.forward(x, np.roll(x, -1, 1))
+    opt.step(model.backward())                            # the same state, recomputed now
+    loaded, tok, read_from = checkpoint.load_model_folder(folder)
+    assert read_from == folder and tok.chars == list("abcd\n")
+    opt2 = AdamW(loaded.params, lr=0.5)
+    checkpoint.load_optimizer_state(folder, opt2)
+    assert opt2.t == 1 and opt2.lr == 1e-2
+    for name in model.params:
+        np.testing.assert_allclose(loaded.params[name], model.params[name], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(opt2.m[name], opt.m[name], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(opt2.v[name], opt.v[name], rtol=1e-5, atol=1e-12)

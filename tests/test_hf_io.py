@@ -7,6 +7,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from minigpt2 import GPT, GPTConfig
+from minigpt2.hf import config_from_hf, config_to_hf
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=15)
 
@@ -55,6 +56,16 @@ def test_unsupported_configs_are_refused(folder, changes, message):
     edit_config(folder, **changes)
     with pytest.raises(ValueError, match=message):
         GPT.from_pretrained(folder)
+
+
+def test_config_json_both_ways():
+    cfg = GPTConfig(n_layer=3, n_head=2, n_embd=12, block_size=20, vocab_size=50257, dropout=0.1)
+    hf = config_to_hf(cfg)
+    assert (hf["n_positions"], hf["resid_pdrop"], hf["eos_token_id"]) == (20, 0.1, 50256)
+    assert config_from_hf(hf) == GPTConfig(n_layer=3, n_head=2, n_embd=12, block_size=20,
+                                           vocab_size=50257)          # dropout not taken back
+    with pytest.raises(ValueError, match="my.json: missing required field"):
+        config_from_hf({"n_layer": 1}, source="my.json")
 
 
 def test_config_with_n_inner_4c_is_accepted(folder):

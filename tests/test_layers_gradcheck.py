@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from minigpt2 import backend, layers
+from minigpt2.config import BLOCK_PARAMS
 from minigpt2.gradcheck import numerical_gradient, rel_error
-from minigpt2.model import BLOCK_PARAMS, block_backward, block_forward
+from minigpt2.model import block_backward, block_forward
 
 TOL = 1e-6
 B, T, C, H, V = 2, 5, 8, 2, 11

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from minigpt2 import GPT, AdamW, GPTConfig, clip_grad_norm
+from minigpt2.config import param_shapes
 from minigpt2.gradcheck import numerical_gradient, rel_error
-from minigpt2.model import param_shapes
+from minigpt2.info import parameter_breakdown
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=13)
 
@@ -116,6 +117,17 @@ def test_paper_parameter_counts(preset, count):
     cfg = GPTConfig.preset(preset)
     assert cfg.num_params() == count
     assert sum(math.prod(s) for s in param_shapes(cfg).values()) == count
+
+
+@pytest.mark.parametrize("L, H, C, V, T", [(1, 1, 4, 3, 2), (3, 2, 10, 17, 9),
+                                           (12, 12, 768, 50257, 1024)])
+def test_num_params_is_the_closed_form_of_the_layout(L, H, C, V, T):
+    """num_params sums the layout; the docstring's formula must say the same thing."""
+    cfg = GPTConfig(n_layer=L, n_head=H, n_embd=C, vocab_size=V, block_size=T)
+    assert cfg.num_params() == V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+    per_block = 12 * C * C + 13 * C
+    assert parameter_breakdown(cfg) == {"wte": V * C, "wpe": T * C, "per_block": per_block,
+                                        "blocks": L * per_block, "ln_f": 2 * C}
 
 
 def test_presets_match_paper_table():

@@ -9,22 +9,15 @@ import numpy as np
 
 from .. import data
 from ..backend import array_module, to_numpy
-from ..model import GPT
-from ..sample import resolve_model_dir
+from ..checkpoint import load_model_folder
 
 EOT = "<|endoftext|>"
 
 
 def load_model(directory, device="cpu", dtype="float32"):
     """(model in eval mode, tokenizer) of a ``train`` run folder (its best/ model when present)
-    or a Hugging Face GPT-2 folder, loaded as ``python -m minigpt2 sample`` loads it."""
-    folder, _ = resolve_model_dir(directory)
-    tokenizer = data.load_tokenizer(folder)
-    model = GPT.from_pretrained(folder, device=device, dtype=dtype).eval()
-    if data.vocab_size_of(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {folder} has {data.vocab_size_of(tokenizer)} tokens "
-                         f"but the model only {model.config.vocab_size}: they do not belong "
-                         "together")
+    or a Hugging Face GPT-2 folder: ``checkpoint.load_model_folder``, as ``sample`` loads it."""
+    model, tokenizer, _ = load_model_folder(directory, device, dtype)
     return model, tokenizer
 
 
