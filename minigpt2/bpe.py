@@ -33,18 +33,18 @@ def most_frequent_pair(pair_counts: Counter) -> tuple[int, int]:
     return min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
 
 
-def merge(ids: list[int], pair: tuple[int, int], new: int) -> list[int]:
+def merge(ids: tuple[int, ...], pair: tuple[int, int], new: int) -> tuple[int, ...]:
     """ids with every occurrence of ``pair`` replaced by ``new``, left to right, not overlapping
     (merging (a, a) in "a a a" gives "aa a")."""
     out, i = [], 0
     while i < len(ids):
-        if ids[i:i + 2] == list(pair):
+        if ids[i:i + 2] == pair:
             out.append(new)
             i += 2
         else:
             out.append(ids[i])
             i += 1
-    return out
+    return tuple(out)
 
 
 def train(text: str, vocab_size: int) -> tuple[dict[int, bytes], list[tuple[int, int]]]:
@@ -74,7 +74,7 @@ def train(text: str, vocab_size: int) -> tuple[dict[int, bytes], list[tuple[int,
         data = vocab[pair[0]] + vocab[pair[1]]
         new = next((i for i, b in vocab.items() if b == data), len(vocab))
         vocab[new] = data
-        words = {tuple(merge(list(word), pair, new)): n for word, n in words.items()}
+        words = {merge(word, pair, new): n for word, n in words.items()}
         if pair in merges:
             merges.remove(pair)
         merges.append(pair)
