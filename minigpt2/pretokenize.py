@@ -13,8 +13,6 @@ import re
 
 import regex
 
-# GPT-2's pre-tokenization: the pattern and the byte alphabet
-
 # Alternatives are tried left to right at each position; the first that matches wins.
 #   's 't 're 've 'm 'll 'd      English contractions, lower case only (GPT-2 is case-sensitive
 #                                 here: "DON'T" splits as "DON" "'" "T")
