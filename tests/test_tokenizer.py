@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt2.bench.tokenizer import python_sources
-from minigpt2.tokenizer import (_ASCII_SPLIT, _SPLIT, ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer,
-                                bytes_to_unicode, gpt2_byte_order, gpt2_files, safe_split,
-                                split_chunks)
+from minigpt2.pretokenize import _ASCII_SPLIT, _SPLIT
+from minigpt2.tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer, bytes_to_unicode,
+                                gpt2_byte_order, gpt2_files, safe_split, split_chunks)
 
 tiktoken = pytest.importorskip("tiktoken")
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
