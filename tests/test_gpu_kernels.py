@@ -65,9 +65,9 @@ def test_float16_cublas_attention_follows_the_float32_reference(T):
     y, cache = layers.attention_forward(qkv, H)
     dqkv = layers.attention_backward(dy, cache)
     y16, cache16 = gpu_layers.FLOAT16.attention_forward(qkv.astype(cp.float16), H)
-    assert y16.dtype == cp.float16 and rel_error(y16, y) < 2e-3
+    assert y16.dtype == cp.float16 and rel_error(y16, y) < 5e-3
     dqkv16 = gpu_layers.FLOAT16.attention_backward(dy.astype(cp.float16), cache16)
-    assert dqkv16.dtype == cp.float16 and rel_error(dqkv16, dqkv) < 5e-3
+    assert dqkv16.dtype == cp.float16 and rel_error(dqkv16, dqkv) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
