@@ -6,7 +6,7 @@ Every layer in minigpt2 is written once against an array module called ``xp``: `
 never need to be told.
 
 A few operations differ between the two libraries; they live here, each in one small function,
-so the layer code stays identical on both backends.
+so the reference layer code (layers.py) stays identical on both backends.
 """
 
 from __future__ import annotations
@@ -90,38 +90,6 @@ def to_numpy(a) -> np.ndarray:
 # temporaries stay in the L2 cache across the several element-wise passes each one makes,
 # instead of streaming the whole array from memory once per pass.
 BLOCK_BYTES = 1 << 19
-
-
-# On the GPU the ``*_fast`` layers and AdamW call the fused CUDA kernels of ``kernels.py``; set
-# this to False to run their array-code form there instead (the two are tested equal).
-FUSED = True
-
-
-def fused_kernels(xp):
-    """The fused-kernel module (``minigpt2.kernels``) when ``xp`` is CuPy and ``FUSED`` is on,
-    else None."""
-    if xp is np or not FUSED:
-        return None
-    from . import kernels
-    return kernels
-
-
-def set_tf32(xp, enabled: bool) -> None:
-    """Let CuPy's float32 matrix multiplies use TF32 tensor cores (10-bit mantissa inputs,
-    float32 accumulation), or not. A process-wide cuBLAS setting; nothing on the CPU.
-
-    CuPy otherwise reads the ``CUPY_TF32`` environment variable once. This sets the compute type
-    its GEMM calls pass to cuBLAS (COMPUTE_TYPE_TF32 = 7, COMPUTE_TYPE_DEFAULT = 1 in
-    cupy/_core/_routines_linalg) and the cuBLAS handle's math mode, which the batched calls
-    follow."""
-    if xp is np:
-        return
-    from cupy._core import _routines_linalg as linalg
-    from cupy_backends.cuda.libs import cublas
-    linalg.set_compute_type(np.float32, 7 if enabled else 1)
-    handle = xp.cuda.device.get_cublas_handle()
-    tf32_math, default_math = 3, 0   # CUBLAS_TF32_TENSOR_OP_MATH, CUBLAS_DEFAULT_MATH
-    cublas.setMathMode(handle, tf32_math if enabled else default_math)
 
 
 def block_slices(xp, n, item_bytes):

@@ -12,8 +12,8 @@ precision) are loaded into float32 registers, computed in float32, and rounded t
 on the way out. Row statistics (LayerNorm's mean and rstd, the softmax's log-sum-exp) are kept in
 float32 (float64 for float64 input).
 
-This module imports CuPy at import time: ``backend.fused_kernels`` imports it only for CuPy
-arrays, so the CPU path never needs CuPy.
+This module imports CuPy at import time: ``gpu_layers.py`` and ``optim.AdamW`` import it only for
+CuPy arrays, so the CPU path never needs CuPy.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def layernorm_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# GELU: one elementwise kernel writes gelu(x) and gelu'(x) (layers.gelu_forward_fast's pair)
+# GELU: one elementwise kernel writes gelu(x) and gelu'(x) (fast_layers.gelu_forward's pair)
 
 _gelu = cp.ElementwiseKernel(
     "T x", "T y, T d",
@@ -336,7 +336,7 @@ _gelu = cp.ElementwiseKernel(
 
 
 def gelu_forward(x):
-    """Fused ``layers.gelu_forward_fast``: one read of x, one write each of gelu(x) and gelu'(x),
+    """Fused ``fast_layers.gelu_forward``: one read of x, one write each of gelu(x) and gelu'(x),
     instead of fourteen element-wise passes. -> (out, gelu'(x))."""
     return _gelu(x)
 
@@ -494,7 +494,8 @@ _adamw = cp.ElementwiseKernel(
 
 
 def adamw_update(p, g, m, v, decay, beta1, beta2, step, eps_hat):
-    """In place: p, m, v updated by one AdamW step with the constants folded as in
-    ``optim.AdamW.step``: p <- p * decay - step * m / (sqrt(v) + eps_hat)."""
+    """Fused ``optim.adamw_update``, in place: p, m, v updated by one AdamW step with the
+    constants folded, p <- p * decay - step * m / (sqrt(v) + eps_hat), in one pass."""
+    g = cp.ascontiguousarray(g, dtype=p.dtype)
     t = p.dtype.type
     _adamw(g, t(decay), t(beta1), t(beta2), t(step), t(eps_hat), p, m, v)

@@ -1,5 +1,11 @@
 """GPT-2's layers, each a forward and its hand-derived backward, written once for NumPy and CuPy.
 
+This is the readable reference: plain array code, computed in the inputs' dtype (float32 or
+float64). The forms the model runs by default compute the same things with fewer passes over
+memory: ``fast_layers.py`` on the CPU, ``gpu_layers.py`` (fused CUDA kernels) on the GPU; each is
+tested equal to the function here of the same name, and ``GPT(..., layers="reference")`` runs
+these instead.
+
 Letters used in every shape below:
     B batch, T time (sequence length), C channels (n_embd), V vocabulary size,
     H heads (n_head), hs head size (C / H), N = B*T rows.
@@ -18,17 +24,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from .backend import array_module, block_slices, scatter_add_rows
-from .backend import fused_kernels as _fused   # kernels.py on the GPU, None on the CPU
-
-
-def _half(a):
-    """True for a float16 array (mixed precision). NumPy has no fast float16 arithmetic, so the
-    CPU forms compute those in float32 and round the results back; the GPU kernels do the same
-    in registers."""
-    return a.dtype == np.float16
+from .backend import array_module, scatter_add_rows
 
 # ----------------------------------------------------------------------------------------------
 # token + position embedding
@@ -102,69 +98,6 @@ def layernorm_backward(dout, cache):
     return dx, dw, db
 
 
-def layernorm_forward_fast(x, w, b, eps=1e-5):
-    """``layernorm_forward`` block by block (``row_blocks``), each pass in place in the output's
-    block while it sits in cache. Same cache (x, w, mean, rstd); tested equal. On the GPU: the
-    fused kernel (``kernels.layernorm_forward``)."""
-    xp = array_module(x)
-    kernels = _fused(xp)
-    if kernels is not None:
-        return kernels.layernorm_forward(x, w, b, eps)
-    if _half(x):
-        out, cache = layernorm_forward_fast(x.astype(np.float32), w.astype(np.float32),
-                                            b.astype(np.float32), eps)
-        return out.astype(np.float16), cache
-    C = x.shape[-1]
-    x2 = x.reshape(-1, C)
-    out = xp.empty_like(x2)
-    mean = xp.empty((x2.shape[0], 1), dtype=x.dtype)
-    rstd = xp.empty_like(mean)
-    for rows in row_blocks(x2):
-        o = out[rows]
-        mean[rows] = x2[rows].mean(axis=-1, keepdims=True)
-        xp.subtract(x2[rows], mean[rows], out=o)
-        var = xp.einsum("nc,nc->n", o, o)[:, None] / C     # mean of squares, no temporary
-        rstd[rows] = 1.0 / (var + eps) ** 0.5
-        o *= rstd[rows]
-        o *= w
-        o += b
-    lead = x.shape[:-1] + (1,)
-    return out.reshape(x.shape), (x, w, mean.reshape(lead), rstd.reshape(lead))
-
-
-def layernorm_backward_fast(dout, cache):
-    """``layernorm_backward`` block by block, in place; dw and db are summed block by block.
-    Tested equal to the readable form. On the GPU: ``kernels.layernorm_backward``."""
-    x, w, mean, rstd = cache
-    xp = array_module(x)
-    kernels = _fused(xp)
-    if kernels is not None:
-        return kernels.layernorm_backward(dout, cache)
-    if _half(dout):
-        dx, dw, db = layernorm_backward_fast(dout.astype(np.float32), cache)
-        return dx.astype(np.float16), dw, db
-    C = x.shape[-1]
-    x2, d2 = x.reshape(-1, C), dout.reshape(-1, C)
-    mean, rstd = mean.reshape(-1, 1), rstd.reshape(-1, 1)
-    dx = xp.empty_like(x2)
-    dw = xp.zeros(C, dtype=x.dtype)
-    db = xp.zeros(C, dtype=x.dtype)
-    for rows in row_blocks(x2):
-        xhat = x2[rows] - mean[rows]
-        xhat *= rstd[rows]
-        dw += xp.einsum("nc,nc->c", d2[rows], xhat)
-        db += d2[rows].sum(axis=0)
-        g = d2[rows] * w                                    # the gradient reaching xhat
-        m1 = g.mean(axis=-1, keepdims=True)
-        m2 = xp.einsum("nc,nc->n", g, xhat)[:, None] / C
-        xhat *= m2
-        g -= m1
-        g -= xhat
-        g *= rstd[rows]
-        dx[rows] = g
-    return dx.reshape(x.shape), dw, db
-
-
 # ----------------------------------------------------------------------------------------------
 # linear ("Conv1D" in GPT-2: the weight is stored [in, out])
 
@@ -173,7 +106,7 @@ def linear_forward(x, w, b):
     """out = x @ w + b.  x (..., in), w (in, out) — GPT-2's Conv1D layout —, b (out,).
 
     x is flattened to (N, in) first: one large matrix multiply instead of a batch of B small
-    ones (NumPy multiplies a 3-D array by a 2-D one as a loop over the batch, about 2x slower).
+    ones (NumPy multiplies a 3-D array by a 2-D one as a loop over the batch).
     """
     n_in, n_out = w.shape
     out = x.reshape(-1, n_in) @ w                                          # (N, out)
@@ -216,57 +149,6 @@ def gelu_backward(dout, cache):
     th = xp.tanh(GELU_K * (x + GELU_A * x * x * x))
     dudx = GELU_K * (1.0 + 3.0 * GELU_A * x * x)
     return dout * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * dudx)
-
-
-def row_blocks(a):
-    """Slices over the rows of the 2-D array ``a`` (N, D), each about ``BLOCK_BYTES`` big, so the
-    in-place passes of a fast path run on a block while it sits in cache (one block on a GPU)."""
-    return block_slices(array_module(a), a.shape[0], a.shape[1] * a.itemsize)
-
-
-def gelu_forward_fast(x):
-    """``gelu_forward`` that also returns GELU's derivative at x as its cache, so the backward
-    is a single multiply: dx = dout * gelu'(x). tanh(u) is computed once and used for both.
-
-    gelu(x) = 0.5 x (1 + th),  gelu'(x) = 0.5 (1 + th) (1 + (1 - th) x du/dx)
-    with th = tanh(u), u = K (x + A x^3), du/dx = K (1 + 3 A x^2), and 1 - th^2 written as
-    (1 - th)(1 + th). Runs block by block (``row_blocks``) with in-place passes; the cache has
-    the size of the readable form's (one array like x). Tested equal to the readable form.
-    On the GPU: one fused kernel (``kernels.gelu_forward``).
-    """
-    xp = array_module(x)
-    kernels = _fused(xp)
-    if kernels is not None:
-        return kernels.gelu_forward(x)
-    if _half(x):
-        out, dgelu = gelu_forward_fast(x.astype(np.float32))
-        return out.astype(np.float16), dgelu.astype(np.float16)
-    x2 = x.reshape(-1, x.shape[-1])
-    out, dgelu = xp.empty_like(x2), xp.empty_like(x2)
-    for rows in row_blocks(x2):
-        xb, o, d = x2[rows], out[rows], dgelu[rows]
-        xx = xb * xb
-        xp.multiply(xx, GELU_K * GELU_A, out=o)
-        o += GELU_K
-        o *= xb
-        xp.tanh(o, out=o)                        # o = th
-        xx *= 3.0 * GELU_K * GELU_A
-        xx += GELU_K
-        xx *= xb                                 # x du/dx
-        xp.subtract(1.0, o, out=d)
-        d *= xx
-        d += 1.0                                 # 1 + (1 - th) x du/dx
-        o += 1.0
-        d *= o
-        d *= 0.5                                 # gelu'(x)
-        o *= xb
-        o *= 0.5                                 # gelu(x)
-    return out.reshape(x.shape), dgelu.reshape(x.shape)
-
-
-def gelu_backward_fast(dout, cache):
-    """dx = dout * gelu'(x), with gelu'(x) from ``gelu_forward_fast``'s cache."""
-    return dout * cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,132 +243,6 @@ def attention_backward(dy, cache):
     return xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
 
 
-_MASK_BIAS = {}
-
-
-def causal_mask_bias(xp, T, dtype):
-    """(T, T) array, 0 where query i may see key j (j <= i) and -inf above the diagonal.
-
-    Added to the scores in place; cached, since every layer and step uses the same one."""
-    key = (xp.__name__, T, np.dtype(dtype).str)
-    if key not in _MASK_BIAS:
-        _MASK_BIAS[key] = xp.triu(xp.full((T, T), -np.inf, dtype=dtype), k=1)
-    return _MASK_BIAS[key]
-
-
-def _qkv_heads(qkv, n_head):
-    """qkv (B, T, 3C) -> q, k, v, each a (B, H, T, hs) view (no copy)."""
-    B, T, C3 = qkv.shape
-    qkv5 = qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head))
-    return tuple(qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-
-
-def attention_forward_fast(qkv, n_head, dropout_p=0.0, rng=None):
-    """``attention_forward`` with fewer passes over the (B, H, T, T) scores: the scale goes into
-    q (T*hs numbers instead of T*T), the mask is added in place, and the softmax runs in place in
-    the scores' buffer. Tested equal to the readable form. On the GPU the scale, the mask and
-    the softmax are one fused kernel (``kernels.causal_softmax_forward``)."""
-    xp = array_module(qkv)
-    kernels = _fused(xp)
-    if kernels is None and _half(qkv):
-        y, cache = attention_forward_fast(qkv.astype(np.float32), n_head, dropout_p, rng)
-        return y.astype(np.float16), cache
-    q, k, v = _qkv_heads(qkv, n_head)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    if kernels is not None and _half(qkv):
-        return _attention_forward_float16_gpu(kernels, q, k, v, scale, dropout_p, rng)
-    if kernels is not None:
-        att = kernels.causal_softmax_forward(q @ k.transpose(0, 1, 3, 2), scale)
-    else:
-        att = (q * scale) @ k.transpose(0, 1, 3, 2)                       # (B, H, T, T)
-        att += causal_mask_bias(xp, att.shape[-1], att.dtype)
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
-    att_d, mask = dropout_forward(att, dropout_p, rng)
-    y = _merge_heads(att_d @ v)                                           # (B, T, C)
-    return y, (q, k, v, att, mask, scale)
-
-
-def attention_backward_fast(dy, cache):
-    """``attention_backward`` for ``attention_forward_fast``'s cache: the softmax backward runs in
-    place in d att's buffer, and dq, dk, dv are written straight into their slices of dqkv
-    instead of being merged and concatenated. Tested equal to the readable form. On the GPU the
-    softmax backward is one fused kernel (``kernels.causal_softmax_backward``)."""
-    q, k, v, att, mask, scale = cache
-    xp = array_module(dy)
-    kernels = _fused(xp)
-    if kernels is None and _half(dy):
-        return attention_backward_fast(dy.astype(np.float32), cache).astype(np.float16)
-    if kernels is not None and _half(dy):
-        return _attention_backward_float16_gpu(kernels, dy, cache)
-    B, H, T, hs = q.shape
-    dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
-    dqkv = xp.empty((B, T, 3, H, hs), dtype=dy.dtype)
-    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
-    att_d = att if mask is None else att * mask
-    if kernels is not None:
-        # CuPy's batched matmul copies a transposed operand into C order first, which for
-        # att^T would be a copy of the whole (B, H, T, T) array: (a^T b)^T = b^T a moves the
-        # transpose onto the small (T, hs) operands instead
-        dv[...] = (dyh.transpose(0, 1, 3, 2) @ att_d).transpose(0, 1, 3, 2)
-    else:
-        dv[...] = att_d.transpose(0, 1, 3, 2) @ dyh
-    ds = dyh @ v.transpose(0, 1, 3, 2)                                    # d att_d (B, H, T, T)
-    if mask is not None:
-        ds *= mask
-    if kernels is not None:
-        kernels.causal_softmax_backward(ds, att)
-    else:
-        row = xp.einsum("bhij,bhij->bhi", ds, att)[..., None]           # sum_j datt * att
-        ds -= row
-        ds *= att                                                         # ds = att * (datt - row)
-    dq[...] = ds @ k
-    dq *= scale
-    if kernels is not None:                       # as for dv: no copy of ds^T
-        dk[...] = (q.transpose(0, 1, 3, 2) @ ds).transpose(0, 1, 3, 2)
-    else:
-        dk[...] = ds.transpose(0, 1, 3, 2) @ q
-    dk *= scale
-    return dqkv.reshape(B, T, 3 * H * hs)
-
-
-def _attention_forward_float16_gpu(kernels, q, k, v, scale, dropout_p, rng):
-    """``attention_forward_fast`` for float16 on the GPU: the two products go straight to cuBLAS
-    (``kernels.batched_matmul``) on the strided heads, and att @ v is written into the merged
-    (B, T, C) layout directly."""
-    xp = array_module(q)
-    B, H, T, hs = q.shape
-    att = kernels.batched_matmul(q, k.transpose(0, 1, 3, 2), xp.empty((B, H, T, T), q.dtype))
-    kernels.causal_softmax_forward(att, scale)
-    att_d, mask = dropout_forward(att, dropout_p, rng)
-    y = xp.empty((B, T, H, hs), dtype=q.dtype)
-    kernels.batched_matmul(att_d, v, y.transpose(0, 2, 1, 3))             # heads merged
-    return y.reshape(B, T, H * hs), (q, k, v, att, mask, scale)
-
-
-def _attention_backward_float16_gpu(kernels, dy, cache):
-    """``attention_backward_fast`` for float16 on the GPU, its products through cuBLAS as in the
-    forward, dq, dk, dv written into their slices of dqkv."""
-    q, k, v, att, mask, scale = cache
-    xp = array_module(dy)
-    B, H, T, hs = q.shape
-    dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
-    dqkv = xp.empty((B, T, 3, H, hs), dtype=dy.dtype)
-    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
-    att_d = att if mask is None else att * mask
-    kernels.batched_matmul(att_d.transpose(0, 1, 3, 2), dyh, dv)          # dv = att_d^T dy
-    ds = kernels.batched_matmul(dyh, v.transpose(0, 1, 3, 2), xp.empty_like(att))
-    if mask is not None:
-        ds *= mask
-    kernels.causal_softmax_backward(ds, att)
-    kernels.batched_matmul(ds, k, dq)
-    dq *= scale
-    kernels.batched_matmul(ds.transpose(0, 1, 3, 2), q, dk)
-    dk *= scale
-    return dqkv.reshape(B, T, 3 * H * hs)
-
-
 def attention_step(qkv, n_head, k_cache, v_cache, pos):
     """Attention for generation with a KV cache (inference only, no backward).
 
@@ -498,7 +254,8 @@ def attention_step(qkv, n_head, k_cache, v_cache, pos):
     """
     xp = array_module(qkv)
     T_new = qkv.shape[1]
-    q, k, v = _qkv_heads(qkv, n_head)
+    C = qkv.shape[-1] // 3
+    q, k, v = (_split_heads(a, n_head) for a in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
     end = pos + T_new
     k_cache[:, :, pos:end] = k
     v_cache[:, :, pos:end] = v
@@ -554,28 +311,3 @@ def cross_entropy_backward(dloss, cache):
     return d.reshape(shape)
 
 
-
-def cross_entropy_forward_fast(logits, targets):
-    """``cross_entropy_forward`` as the model calls it: on the GPU one fused kernel
-    (``kernels.cross_entropy_forward``, which keeps the log-sum-exp instead of the (N, V)
-    probabilities); on the CPU the readable form, in float32 for float16 logits.
-    The loss is float32 for float16 logits (float64 for float64)."""
-    kernels = _fused(array_module(logits))
-    if kernels is not None:
-        loss, cache = kernels.cross_entropy_forward(logits, targets)
-        return loss, (kernels, cache)
-    if _half(logits):
-        loss, cache = cross_entropy_forward(logits.astype(np.float32), targets)
-        return loss, (None, cache)
-    loss, cache = cross_entropy_forward(logits, targets)
-    return loss, (None, cache)
-
-
-def cross_entropy_backward_fast(dloss, cache, dtype=None):
-    """The backward matching ``cross_entropy_forward_fast``; dloss may be a 0-d device array.
-    -> dlogits (B, T, V) in ``dtype`` (default: the cache's)."""
-    kernels, cache = cache
-    if kernels is not None:
-        return kernels.cross_entropy_backward(dloss, cache)
-    d = cross_entropy_backward(dloss, cache)
-    return d if dtype is None else d.astype(dtype, copy=False)

@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from . import layers
-from .backend import array_module, get_xp, resolve_device, resolve_dtype, set_tf32, upload
+from . import fast_layers, layers
+from .backend import array_module, get_xp, resolve_device, resolve_dtype, upload
 from .config import BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, param_shapes
 
 # How a forward and backward compute (the weights in model.params keep the model's dtype):
@@ -30,6 +30,11 @@ from .config import BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, param_shapes
 #              scaled by ``loss_scale`` for the backward and the gradients returned in float32,
 #              unscaled (an overflow shows as non-finite gradients: see optim.LossScaler)
 PRECISIONS = ("float32", "tf32", "float16")
+
+# Which functions compute the layers (all give the same outputs and gradients):
+#   "fast"       fast_layers.py on the CPU, gpu_layers.py (fused CUDA kernels) on the GPU
+#   "reference"  layers.py, the readable forms, in float32 or float64 only
+LAYER_SETS = ("fast", "reference")
 
 def init_params(cfg: GPTConfig, seed: int, dtype) -> dict:
     """GPT-2's initialisation, drawn on the host so a seed gives the same weights on CPU and GPU.
@@ -60,47 +65,57 @@ def init_params(cfg: GPTConfig, seed: int, dtype) -> dict:
 # the pre-LN transformer block
 
 
-def block_forward(x, p, n_head, dropout_p=0.0, rng=None):
+def block_forward(x, p, n_head, dropout_p=0.0, rng=None, *, layer_set=layers, attention=None):
     """One GPT-2 block. x (B, T, C) -> (B, T, C). ``p`` maps the block's parameter names
     ("ln_1.weight", "attn.c_attn.weight", ...) to arrays. Dropout as in GPT-2's training code
-    (after the attention softmax and after each residual projection) when dropout_p > 0."""
+    (after the attention softmax and after each residual projection) when dropout_p > 0.
+
+    ``layer_set`` holds the layer functions (``layers``, ``fast_layers``, ``gpu_layers``: the same
+    names). ``attention`` maps qkv (B, T, 3C) to (y (B, T, C), cache); by default the set's
+    ``attention_forward`` over the T positions; generation passes one that attends to its
+    KV cache as well."""
+    F = layer_set
     # x = x + attn(ln_1(x))
-    a, ln_1 = layers.layernorm_forward_fast(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
-    qkv, c_attn = layers.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
-    y, attn = layers.attention_forward_fast(qkv, n_head, dropout_p, rng)                     # (B, T, C)
-    y, attn_proj = layers.linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
-    y, drop_1 = layers.dropout_forward(y, dropout_p, rng)
+    a, ln_1 = F.layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
+    qkv, c_attn = F.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
+    if attention is None:
+        y, attn = F.attention_forward(qkv, n_head, dropout_p, rng)                      # (B, T, C)
+    else:
+        y, attn = attention(qkv)
+    y, attn_proj = F.linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
+    y, drop_1 = F.dropout_forward(y, dropout_p, rng)
     x = x + y
     # x = x + mlp(ln_2(x))
-    m, ln_2 = layers.layernorm_forward_fast(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
-    m, c_fc = layers.linear_forward(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])             # (B, T, 4C)
-    m, gelu = layers.gelu_forward_fast(m)
-    m, mlp_proj = layers.linear_forward(m, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])     # (B, T, C)
-    m, drop_2 = layers.dropout_forward(m, dropout_p, rng)
+    m, ln_2 = F.layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
+    m, c_fc = F.linear_forward(m, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"])             # (B, T, 4C)
+    m, gelu = F.gelu_forward(m)
+    m, mlp_proj = F.linear_forward(m, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])     # (B, T, C)
+    m, drop_2 = F.dropout_forward(m, dropout_p, rng)
     x = x + m
-    return x, (ln_1, c_attn, attn, attn_proj, drop_1, ln_2, c_fc, gelu, mlp_proj, drop_2)
+    return x, (F, ln_1, c_attn, attn, attn_proj, drop_1, ln_2, c_fc, gelu, mlp_proj, drop_2)
 
 
 def block_backward(dx, cache):
-    """Backward of ``block_forward``. dx (B, T, C) -> (dx (B, T, C), dict of parameter grads).
+    """Backward of ``block_forward`` (with the layer set it used, kept in the cache).
+    dx (B, T, C) -> (dx (B, T, C), dict of parameter grads).
 
     Each residual ``x = x + f(x)`` passes dx straight through and adds f's input gradient.
     """
-    ln_1, c_attn, attn, attn_proj, drop_1, ln_2, c_fc, gelu, mlp_proj, drop_2 = cache
+    F, ln_1, c_attn, attn, attn_proj, drop_1, ln_2, c_fc, gelu, mlp_proj, drop_2 = cache
     g = {}
     # x = x + mlp(ln_2(x))
-    dm = layers.dropout_backward(dx, drop_2)
-    dm, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = layers.linear_backward(dm, mlp_proj)
-    dm = layers.gelu_backward_fast(dm, gelu)
-    dm, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = layers.linear_backward(dm, c_fc)
-    dm, g["ln_2.weight"], g["ln_2.bias"] = layers.layernorm_backward_fast(dm, ln_2)
+    dm = F.dropout_backward(dx, drop_2)
+    dm, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = F.linear_backward(dm, mlp_proj)
+    dm = F.gelu_backward(dm, gelu)
+    dm, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = F.linear_backward(dm, c_fc)
+    dm, g["ln_2.weight"], g["ln_2.bias"] = F.layernorm_backward(dm, ln_2)
     dx = dx + dm
     # x = x + attn(ln_1(x))
-    dy = layers.dropout_backward(dx, drop_1)
-    dy, g["attn.c_proj.weight"], g["attn.c_proj.bias"] = layers.linear_backward(dy, attn_proj)
-    dqkv = layers.attention_backward_fast(dy, attn)
-    da, g["attn.c_attn.weight"], g["attn.c_attn.bias"] = layers.linear_backward(dqkv, c_attn)
-    da, g["ln_1.weight"], g["ln_1.bias"] = layers.layernorm_backward_fast(da, ln_1)
+    dy = F.dropout_backward(dx, drop_1)
+    dy, g["attn.c_proj.weight"], g["attn.c_proj.bias"] = F.linear_backward(dy, attn_proj)
+    dqkv = F.attention_backward(dy, attn)
+    da, g["attn.c_attn.weight"], g["attn.c_attn.bias"] = F.linear_backward(dqkv, c_attn)
+    da, g["ln_1.weight"], g["ln_1.bias"] = F.layernorm_backward(da, ln_1)
     return dx + da, g
 
 
@@ -160,18 +175,23 @@ class GPT:
     ``GPT(cfg, seed=0, device="cpu", dtype="float32")`` initialises as the paper (§2.3).
     ``model.params`` maps GPT-2's parameter names to arrays (NumPy on "cpu", CuPy on "gpu").
     ``logits, loss = model.forward(idx, targets)`` then ``grads = model.backward()``.
+    ``layers="reference"`` computes with the readable ``layers.py`` instead of the fast set
+    (``model.layers`` is the set in use; see LAYER_SETS).
     """
 
     def __init__(self, cfg: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32",
                  *, params: dict | None = None, precision: str = "float32",
-                 recompute: bool = False):
+                 recompute: bool = False, layers: str = "fast"):
         if not isinstance(cfg, GPTConfig):
             raise TypeError(f"GPT needs a GPTConfig, got {type(cfg).__name__}")
+        if layers not in LAYER_SETS:
+            raise ValueError(f"layers must be one of {LAYER_SETS}, got {layers!r}")
         self.config = cfg
         self.device = resolve_device(device)
         self.xp = get_xp(self.device)
         self.dtype = resolve_dtype(dtype)
-        self.precision = precision
+        self._layer_kind = layers
+        self.precision = precision   # picks the layer set (model.layers)
         # recompute: keep only each block's input in the forward and run the block's forward
         # again in the backward, just before its backward: activation memory of one block
         # instead of n_layer blocks, for about a third more compute
@@ -199,7 +219,23 @@ class GPT:
         if value != "float32" and self.dtype != np.float32:
             raise ValueError(f"precision {value!r} needs float32 weights, the model's dtype is "
                              f"{self.dtype.name}")
+        if value != "float32" and self._layer_kind == "reference":
+            raise ValueError(f"precision {value!r} is a feature of the fast layers; the reference "
+                             "layers compute in float32 or float64: use layers='fast' or "
+                             "precision 'float32'")
         self._precision = value
+        self.layers = self._layer_set(value)
+        self._step_layers = self._layer_set("float32")   # generation: full-precision weights
+
+    def _layer_set(self, precision):
+        """The functions that compute the layers for a precision: chosen here, once, not per call."""
+        if self._layer_kind == "reference":
+            return layers
+        fast = fast_layers
+        if self.device == "gpu":
+            from . import gpu_layers   # imports CuPy and the CUDA kernels: only on the GPU
+            fast = gpu_layers
+        return fast.FLOAT16 if precision == "float16" else fast
 
     def _make_rng(self, seed):
         if self.xp is np:
@@ -302,29 +338,33 @@ class GPT:
         self._cache = None
         # float16: CuPy runs batched (attention) matmuls of float16 arrays in float32, so
         # those use TF32 too
-        set_tf32(self.xp, self.precision in ("tf32", "float16"))
+        if self.device == "gpu":
+            from . import gpu_layers
+            gpu_layers.set_tf32(self.precision in ("tf32", "float16"))
         P = self._compute_params()
+        F = self.layers
 
-        x, emb = layers.embedding_forward(idx, P["wte.weight"], P["wpe.weight"])  # (B, T, C)
-        x, drop = layers.dropout_forward(x, p, rng)
+        x, emb = F.embedding_forward(idx, P["wte.weight"], P["wpe.weight"])       # (B, T, C)
+        x, drop = F.dropout_forward(x, p, rng)
         blocks = []
         for i in range(cfg.n_layer):
             if keep and self.recompute:   # keep the block's input and its dropout seed only
                 seed = None if rng is None else int(rng.integers(0, 2 ** 62))
                 blocks.append((x, seed))
-                x, _ = block_forward(x, self._block(i, P), cfg.n_head, p, self._block_rng(seed))
+                x, _ = block_forward(x, self._block(i, P), cfg.n_head, p, self._block_rng(seed),
+                                     layer_set=F)
             else:
-                x, cache = block_forward(x, self._block(i, P), cfg.n_head, p, rng)
+                x, cache = block_forward(x, self._block(i, P), cfg.n_head, p, rng, layer_set=F)
                 if keep:
                     blocks.append(cache)
             if self.on_block is not None:
                 self.on_block()
-        h, ln_f = layers.layernorm_forward_fast(x, P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
+        h, ln_f = F.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
         B, T, C = h.shape
         logits = (h.reshape(-1, C) @ P["wte.weight"].T).reshape(B, T, -1)        # (B, T, V)
         if targets is None:
             return logits, None
-        loss, ce = layers.cross_entropy_forward_fast(logits, targets)
+        loss, ce = F.cross_entropy_forward(logits, targets)
         self._cache = (P, p, emb, drop, blocks, ln_f, h, ce)
         return logits, loss
 
@@ -345,33 +385,35 @@ class GPT:
         cfg, C = self.config, self.config.n_embd
         mixed = self.precision == "float16"
         scale = self.loss_scale if mixed else 1.0
+        F = self.layers
         grads = {}
-        dlogits = layers.cross_entropy_backward_fast(scale, ce, h.dtype)          # (B, T, V)
+        dlogits = F.cross_entropy_backward(scale, ce)                             # (B, T, V)
         del ce   # (with the caller's reference gone, the logits are freed here, not at the end)
         # logits = h @ wte^T: the tied LM head's share of wte's gradient
         dlogits = dlogits.reshape(-1, dlogits.shape[-1])                          # (N, V)
         dwte_head = dlogits.T @ h.reshape(-1, C)                                  # (V, C)
         dh = (dlogits @ P["wte.weight"]).reshape(h.shape)                         # (B, T, C)
         del dlogits
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layernorm_backward_fast(dh, ln_f)
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = F.layernorm_backward(dh, ln_f)
         for i in reversed(range(cfg.n_layer)):
             cache = blocks[i]
             blocks[i] = None  # free this block's activations as soon as they are used
             if self.recompute:
                 x, seed = cache
-                _, cache = block_forward(x, self._block(i, P), cfg.n_head, p, self._block_rng(seed))
+                _, cache = block_forward(x, self._block(i, P), cfg.n_head, p, self._block_rng(seed),
+                                         layer_set=F)
             dx, g = block_backward(dx, cache)
             del cache
             for name, value in g.items():
                 grads[f"h.{i}.{name}"] = value
             if self.on_block is not None:
                 self.on_block()
-        dx = layers.dropout_backward(dx, drop)
+        dx = F.dropout_backward(dx, drop)
         # wte is used twice, as the embedding and as the LM head: its gradients add (in float32
         # under mixed precision: a token's rows are summed into one)
         if mixed:
             dwte_head, dx = dwte_head.astype(np.float32), dx.astype(np.float32)
-        grads["wte.weight"], grads["wpe.weight"] = layers.embedding_backward(dx, emb, dwte_head)
+        grads["wte.weight"], grads["wpe.weight"] = F.embedding_backward(dx, emb, dwte_head)
         if mixed:
             xp = self.xp
             for name, g in grads.items():   # back to d(loss)/d(param), in float32
@@ -382,20 +424,15 @@ class GPT:
 
     def _forward_step(self, idx, kv, pos):
         """Logits of the last position for ids idx (B, T_new) at positions pos.., using and
-        filling the KV cache ``kv`` (a list of (k, v) per layer). Inference only, no dropout."""
-        cfg, P = self.config, self.params
-        T_new = idx.shape[1]
-        x = P["wte.weight"][idx] + P["wpe.weight"][pos:pos + T_new]
+        filling the KV cache ``kv`` (a list of (k, v) per layer). Inference only, no dropout:
+        ``block_forward`` with ``layers.attention_step`` as its attention."""
+        cfg, P, F = self.config, self.params, self._step_layers
+        x, _ = F.embedding_forward(idx, P["wte.weight"], P["wpe.weight"][pos:])  # (B, T_new, C)
         for i, (k_cache, v_cache) in enumerate(kv):
-            p = self._block(i)
-            a, _ = layers.layernorm_forward_fast(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
-            qkv = a @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]
-            y = layers.attention_step(qkv, cfg.n_head, k_cache, v_cache, pos)
-            x = x + (y @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"])
-            m, _ = layers.layernorm_forward_fast(x, p["ln_2.weight"], p["ln_2.bias"], LAYER_NORM_EPS)
-            m, _ = layers.gelu_forward_fast(m @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"])
-            x = x + (m @ p["mlp.c_proj.weight"] + p["mlp.c_proj.bias"])
-        h, _ = layers.layernorm_forward_fast(x[:, -1], P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
+            def attend(qkv, k_cache=k_cache, v_cache=v_cache):
+                return F.attention_step(qkv, cfg.n_head, k_cache, v_cache, pos), None
+            x, _ = block_forward(x, self._block(i), cfg.n_head, layer_set=F, attention=attend)
+        h, _ = F.layernorm_forward(x[:, -1], P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
         return h @ P["wte.weight"].T                                              # (B, V)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module, block_slices, fused_kernels
+import numpy as np
+
+from .backend import array_module, block_slices
 
 
 class AdamW:
@@ -40,6 +42,11 @@ class AdamW:
         self.t = 0
         self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
+        # on the GPU one fused kernel makes adamw_update's passes in one: chosen once, here
+        self._update = adamw_update
+        if any(array_module(p) is not np for p in params.values()):
+            from . import kernels
+            self._update = kernels.adamw_update
 
     def step(self, grads: dict) -> None:
         """One update of every parameter from ``grads`` (a dict with the keys of params)."""
@@ -60,31 +67,8 @@ class AdamW:
             g = grads[name]
             if g.shape != p.shape:
                 raise ValueError(f"grad {name} has shape {tuple(g.shape)}, param {tuple(p.shape)}")
-            xp = array_module(p)
             decay = 1.0 - self.lr * self.weight_decay if p.ndim >= 2 else 1.0
-            kernels = fused_kernels(xp)
-            if kernels is not None:   # on the GPU: the lines below in one pass (kernels.py)
-                kernels.adamw_update(p, xp.ascontiguousarray(g, dtype=p.dtype), self.m[name],
-                                     self.v[name], decay, beta1, beta2, step, eps_hat)
-                continue
-            pf, gf, mf, vf = (a.reshape(-1) for a in (p, g, self.m[name], self.v[name]))
-            # block by block, so the ten passes below run in cache (one block on a GPU)
-            for s in block_slices(xp, pf.size, 4 * pf.itemsize):
-                p_, g_, m_, v_ = pf[s], gf[s], mf[s], vf[s]
-                if decay != 1.0:
-                    p_ *= decay                          # decoupled weight decay
-                buf = g_ * g_
-                buf *= 1.0 - beta2
-                v_ *= beta2
-                v_ += buf                                # v = beta2 v + (1 - beta2) g^2
-                xp.multiply(g_, 1.0 - beta1, out=buf)
-                m_ *= beta1
-                m_ += buf                                # m = beta1 m + (1 - beta1) g
-                xp.sqrt(v_, out=buf)
-                buf += eps_hat
-                xp.divide(m_, buf, out=buf)
-                buf *= step
-                p_ -= buf
+            self._update(p, g, self.m[name], self.v[name], decay, beta1, beta2, step, eps_hat)
 
     def state_dict(self) -> dict:
         """Everything needed to resume: step count, hyperparameters, the moment arrays."""
@@ -106,6 +90,32 @@ class AdamW:
         self.betas = tuple(float(b) for b in state["betas"])
         self.m = {n: xp.array(state["m"][n], dtype=p.dtype) for n, p in self.params.items()}
         self.v = {n: xp.array(state["v"][n], dtype=p.dtype) for n, p in self.params.items()}
+
+
+def adamw_update(p, g, m, v, decay, beta1, beta2, step, eps_hat):
+    """In place, one AdamW step of one parameter with the constants folded (see ``AdamW.step``):
+        p <- p * decay;  m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2
+        p <- p - step * m / (sqrt(v) + eps_hat)
+    p, m, v C-contiguous arrays of one shape, updated block by block so the ten passes below
+    run in cache (one block on a GPU). ``kernels.adamw_update`` is the fused GPU form."""
+    xp = array_module(p)
+    pf, gf, mf, vf = (a.reshape(-1) for a in (p, g, m, v))
+    for s in block_slices(xp, pf.size, 4 * pf.itemsize):
+        p_, g_, m_, v_ = pf[s], gf[s], mf[s], vf[s]
+        if decay != 1.0:
+            p_ *= decay                          # decoupled weight decay
+        buf = g_ * g_
+        buf *= 1.0 - beta2
+        v_ *= beta2
+        v_ += buf                                # v = beta2 v + (1 - beta2) g^2
+        xp.multiply(g_, 1.0 - beta1, out=buf)
+        m_ *= beta1
+        m_ += buf                                # m = beta1 m + (1 - beta1) g
+        xp.sqrt(v_, out=buf)
+        buf += eps_hat
+        xp.divide(m_, buf, out=buf)
+        buf *= step
+        p_ -= buf
 
 
 def global_norm(grads: dict):

@@ -3,8 +3,33 @@
 import subprocess
 import sys
 
+import numpy as np
+
+from minigpt2.gradcheck import numerical_gradient, rel_error
+
+TOL = 1e-6
+
 
 def run_cli(*args, timeout=120, env=None):
     """Run ``python -m minigpt2 ARGS...`` in a fresh process; the CompletedProcess, text mode."""
     return subprocess.run([sys.executable, "-m", "minigpt2", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_grads(forward, backward, arrays, names, tol=TOL):
+    """Check backward's gradients for the named entries of ``arrays`` (a dict of float64 arrays).
+
+    forward(arrays) -> (out, cache); backward(g, cache) -> dict name -> gradient.
+    """
+    rng = np.random.default_rng(123)
+    out, cache = forward(arrays)
+    g = rng.standard_normal(np.shape(out))
+    analytic = backward(g, cache)
+
+    def loss():
+        return np.sum(forward(arrays)[0] * g)
+
+    for name in names:
+        numeric = numerical_gradient(loss, arrays[name])
+        err = rel_error(analytic[name], numeric)
+        assert err < tol, f"gradient of {name}: relative error {err:.2e} >= {tol:.0e}"

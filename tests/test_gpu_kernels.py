@@ -1,16 +1,18 @@
-"""The fused CUDA kernels (minigpt2/kernels.py) against the readable layers they replace, and the
-GPU's precisions and recompute against float32 (run only where a GPU is)."""
+"""The GPU layer set (minigpt2/gpu_layers.py, over the fused CUDA kernels of kernels.py) against the
+reference layers they replace, and the GPU's precisions and recompute against float32 (run only
+where a GPU is)."""
 
 import numpy as np
 import pytest
 
-from minigpt2 import GPT, AdamW, GPTConfig, backend, layers
+from minigpt2 import GPT, GPTConfig, layers, optim
 from minigpt2.gradcheck import rel_error
 
 pytestmark = pytest.mark.gpu
 
 cp = pytest.importorskip("cupy")
 kernels = pytest.importorskip("minigpt2.kernels")
+gpu_layers = pytest.importorskip("minigpt2.gpu_layers")
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 
@@ -45,16 +47,27 @@ def test_gelu_kernel_matches_the_readable_layer(dtype):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("T", [1, 7, 64, 200])
-def test_attention_with_fused_softmax_matches_the_readable_layer(dtype, T, monkeypatch):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_attention_with_fused_softmax_matches_the_readable_layer(dtype, T, dropout_p):
     H, C = 4, 32
     qkv, dy = rand((2, T, 3 * C), dtype, 1), rand((2, T, C), dtype, 2)
-    monkeypatch.setattr(backend, "FUSED", False)
+    y, cache = layers.attention_forward(qkv, H, dropout_p, cp.random.default_rng(5))
+    dqkv = layers.attention_backward(dy, cache)
+    y_k, cache_k = gpu_layers.attention_forward(qkv, H, dropout_p, cp.random.default_rng(5))
+    assert y_k.dtype == qkv.dtype and rel_error(y_k, y) < TOL[dtype]
+    assert rel_error(gpu_layers.attention_backward(dy, cache_k), dqkv) < TOL[dtype]
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 200])
+def test_float16_cublas_attention_follows_the_float32_reference(T):
+    H, C = 4, 64
+    qkv, dy = rand((2, T, 3 * C), "float32", 1), rand((2, T, C), "float32", 2)
     y, cache = layers.attention_forward(qkv, H)
     dqkv = layers.attention_backward(dy, cache)
-    monkeypatch.setattr(backend, "FUSED", True)
-    y_k, cache_k = layers.attention_forward_fast(qkv, H)
-    assert rel_error(y_k, y) < TOL[dtype]
-    assert rel_error(layers.attention_backward_fast(dy, cache_k), dqkv) < TOL[dtype]
+    y16, cache16 = gpu_layers.FLOAT16.attention_forward(qkv.astype(cp.float16), H)
+    assert y16.dtype == cp.float16 and rel_error(y16, y) < 5e-3
+    dqkv16 = gpu_layers.FLOAT16.attention_backward(dy.astype(cp.float16), cache16)
+    assert dqkv16.dtype == cp.float16 and rel_error(dqkv16, dqkv) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -71,18 +84,16 @@ def test_cross_entropy_kernels_match_the_readable_layer(dtype, V):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_adamw_kernel_matches_the_array_form(dtype, monkeypatch):
-    params = {"w": rand((300, 7), dtype, 1), "b": rand(7, dtype, 2)}
-    twin = {k: v.copy() for k, v in params.items()}
-    opt, opt_array = AdamW(params, lr=1e-2), AdamW(twin, lr=1e-2)
+def test_adamw_kernel_matches_the_array_form(dtype):
+    p, m, v = rand((300, 7), dtype, 1), rand((300, 7), dtype, 2, 0.1), rand((300, 7), dtype, 3) ** 2
+    p2, m2, v2 = p.copy(), m.copy(), v.copy()
     for step in range(3):
-        grads = {k: rand(v.shape, dtype, 10 + step) for k, v in params.items()}
-        opt.step(grads)
-        monkeypatch.setattr(backend, "FUSED", False)
-        opt_array.step(grads)
-        monkeypatch.setattr(backend, "FUSED", True)
-    for k in params:
-        assert rel_error(params[k], twin[k]) < TOL[dtype] * 10
+        g = rand((300, 7), dtype, 10 + step)
+        kernels.adamw_update(p, g, m, v, 0.999, 0.9, 0.95, 1e-2, 1e-8)
+        optim.adamw_update(p2, g, m2, v2, 0.999, 0.9, 0.95, 1e-2, 1e-8)
+    for got, want in zip((p, m, v), (p2, m2, v2)):
+        assert rel_error(got, want) < TOL[dtype] * 10
+    assert optim.AdamW({"w": p})._update is kernels.adamw_update   # chosen once, on the GPU
 
 
 def test_float16_kernels_follow_float32_within_half_precision():
@@ -117,12 +128,26 @@ def grads_of(model):
     return model.backward()
 
 
-def test_the_model_with_fused_kernels_equals_the_array_code(monkeypatch):
-    fused = grads_of(GPT(CFG, seed=0, device="gpu", dtype="float64"))
-    monkeypatch.setattr(backend, "FUSED", False)
-    plain = grads_of(GPT(CFG, seed=0, device="gpu", dtype="float64"))
-    for name in plain:
-        assert rel_error(fused[name], plain[name]) < 1e-12, name
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_the_model_on_gpu_layers_equals_the_reference_layers(dropout):
+    """Logits, loss and every gradient in float64 (dropout: the same masks are drawn)."""
+    cfg = GPTConfig(**{**CFG.to_dict(), "dropout": dropout})
+    fast = GPT(cfg, seed=0, device="gpu", dtype="float64")
+    ref = GPT(cfg, seed=0, device="gpu", dtype="float64", layers="reference")
+    assert fast.layers is gpu_layers and ref.layers is layers
+    (logits_f, loss_f), (logits_r, loss_r) = fast.forward(*batch()), ref.forward(*batch())
+    assert rel_error(logits_f, logits_r) < 1e-10
+    assert abs(float(loss_f) - float(loss_r)) < 1e-10 * float(loss_r)
+    g_fast, g_ref = fast.backward(), ref.backward()
+    for name in g_ref:
+        assert rel_error(g_fast[name], g_ref[name]) < 1e-10, name
+
+
+def test_the_float16_precision_picks_the_float16_gpu_set():
+    model = GPT(CFG, seed=0, device="gpu", precision="float16")
+    assert model.layers is gpu_layers.FLOAT16
+    model.precision = "float32"
+    assert model.layers is gpu_layers
 
 
 @pytest.mark.parametrize("precision,tol", [("tf32", 1e-2), ("float16", 3e-2)])

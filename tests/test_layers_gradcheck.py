@@ -1,4 +1,5 @@
-"""Every layer's backward against central finite differences, in float64.
+"""Every reference layer's backward (layers.py) against central finite differences, in float64.
+The fast sets are tested equal to these in tests/test_fast_layers.py.
 
 Each check uses a random upstream gradient g and the scalar L = sum(forward(...) * g), random
 non-trivial parameters (never ones and zeros, which hide bugs such as a missing weight factor),
@@ -8,33 +9,14 @@ Negative controls prove the checker fails on subtly wrong backwards.
 
 import numpy as np
 import pytest
+from helpers import assert_grads
 
-from minigpt2 import backend, layers
+from minigpt2 import layers
 from minigpt2.config import BLOCK_PARAMS
-from minigpt2.gradcheck import numerical_gradient, rel_error
+from minigpt2.gradcheck import rel_error
 from minigpt2.model import block_backward, block_forward
 
-TOL = 1e-6
 B, T, C, H, V = 2, 5, 8, 2, 11
-
-
-def assert_grads(forward, backward, arrays, names, tol=TOL):
-    """Check backward's gradients for the named entries of ``arrays`` (a dict of float64 arrays).
-
-    forward(arrays) -> (out, cache); backward(g, cache) -> dict name -> gradient.
-    """
-    rng = np.random.default_rng(123)
-    out, cache = forward(arrays)
-    g = rng.standard_normal(np.shape(out))
-    analytic = backward(g, cache)
-
-    def loss():
-        return np.sum(forward(arrays)[0] * g)
-
-    for name in names:
-        numeric = numerical_gradient(loss, arrays[name])
-        err = rel_error(analytic[name], numeric)
-        assert err < tol, f"gradient of {name}: relative error {err:.2e} >= {tol:.0e}"
 
 
 @pytest.fixture
@@ -52,19 +34,8 @@ def test_embedding_with_repeated_ids(rng):
                  a, ["wte", "wpe"])
 
 
-LAYERNORM = [(layers.layernorm_forward, layers.layernorm_backward),
-             (layers.layernorm_forward_fast, layers.layernorm_backward_fast)]
-
-
-@pytest.fixture(params=[None, 64], ids=["one-block", "many-blocks"])
-def blocks(request, monkeypatch):
-    """Run the fast paths with their usual block size, and with blocks of a row or two."""
-    if request.param:
-        monkeypatch.setattr(backend, "BLOCK_BYTES", request.param)
-
-
-@pytest.mark.parametrize("forward,backward", LAYERNORM, ids=["readable", "fast"])
-def test_layernorm(rng, forward, backward, blocks):
+def test_layernorm(rng):
+    forward, backward = layers.layernorm_forward, layers.layernorm_backward
     a = {"x": 2.0 * rng.standard_normal((B, T, C)) + 0.5,
          "w": rng.standard_normal(C), "b": rng.standard_normal(C)}
     out, (_, _, mean, rstd) = forward(a["x"], a["w"], a["b"])
@@ -90,14 +61,8 @@ def test_linear_conv1d_layout(rng):
                  a, ["x", "w", "b"])
 
 
-GELU = [(layers.gelu_forward, layers.gelu_backward),
-        (layers.gelu_forward_fast, layers.gelu_backward_fast)]
-ATTENTION = [(layers.attention_forward, layers.attention_backward),
-             (layers.attention_forward_fast, layers.attention_backward_fast)]
-
-
-@pytest.mark.parametrize("forward,backward", GELU, ids=["readable", "fast"])
-def test_gelu(rng, forward, backward, blocks):
+def test_gelu(rng):
+    forward, backward = layers.gelu_forward, layers.gelu_backward
     a = {"x": 3.0 * rng.standard_normal((B, T, 4 * C))}
     assert_grads(lambda a: forward(a["x"]), lambda g, c: {"x": backward(g, c)}, a, ["x"])
 
@@ -112,45 +77,13 @@ def test_gelu_is_the_tanh_form_not_erf():
     assert rel_error(out, erf_form) > 1e-5  # the two differ: we must be the tanh one
 
 
-@pytest.mark.parametrize("forward,backward", ATTENTION, ids=["readable", "fast"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_attention(rng, dropout_p, forward, backward):
+def test_attention(rng, dropout_p):
+    forward, backward = layers.attention_forward, layers.attention_backward
     a = {"qkv": rng.standard_normal((B, T, 3 * C))}
     # a fresh generator with a fixed seed on every call: the same dropout mask each time
     fwd = lambda a: forward(a["qkv"], H, dropout_p, np.random.default_rng(7))
     assert_grads(fwd, lambda g, c: {"qkv": backward(g, c)}, a, ["qkv"])
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_fast_paths_equal_readable_forms(rng, dtype, dropout_p, blocks):
-    """The in-place versions the model runs compute what the readable versions say."""
-    tol = 1e-12 if dtype == np.float64 else 1e-6
-    x = (2.0 * rng.standard_normal((B, T, C)) + 0.5).astype(dtype)
-    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
-    d = rng.standard_normal((B, T, C)).astype(dtype)
-    out, cache = layers.layernorm_forward(x, w, b)
-    out_fast, cache_fast = layers.layernorm_forward_fast(x, w, b)
-    assert out_fast.dtype == dtype and rel_error(out_fast, out) < tol
-    for fast, readable in zip(layers.layernorm_backward_fast(d, cache_fast),
-                              layers.layernorm_backward(d, cache)):
-        assert fast.dtype == dtype and rel_error(fast, readable) < tol
-
-    x = (3.0 * rng.standard_normal((B, T, 4 * C))).astype(dtype)
-    d = rng.standard_normal((B, T, 4 * C)).astype(dtype)
-    out, cache = layers.gelu_forward(x)
-    out_fast, cache_fast = layers.gelu_forward_fast(x)
-    assert out_fast.dtype == dtype and rel_error(out_fast, out) < tol
-    assert rel_error(layers.gelu_backward_fast(d, cache_fast), layers.gelu_backward(d, cache)) < tol
-
-    qkv = rng.standard_normal((B, T, 3 * C)).astype(dtype)
-    dy = rng.standard_normal((B, T, C)).astype(dtype)
-    y, cache = layers.attention_forward(qkv, H, dropout_p, np.random.default_rng(1))
-    y_fast, cache_fast = layers.attention_forward_fast(qkv, H, dropout_p, np.random.default_rng(1))
-    assert y_fast.dtype == dtype and rel_error(y_fast, y) < tol
-    dqkv_fast = layers.attention_backward_fast(dy, cache_fast)
-    assert dqkv_fast.dtype == dtype
-    assert rel_error(dqkv_fast, layers.attention_backward(dy, cache)) < tol
 
 
 def test_attention_is_causal(rng):

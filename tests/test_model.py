@@ -78,10 +78,11 @@ def collect_floats(obj, found):
     return found
 
 
+@pytest.mark.parametrize("layers", ["fast", "reference"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_float32_stays_float32(dropout):
+def test_float32_stays_float32(dropout, layers):
     cfg = GPTConfig(**{**TINY.to_dict(), "dropout": dropout})
-    model = GPT(cfg, seed=0, dtype="float32")
+    model = GPT(cfg, seed=0, dtype="float32", layers=layers)
     idx, targets = tiny_batch(cfg)
     logits, loss = model.forward(idx, targets)
     activations = collect_floats(model._cache, [])

@@ -64,8 +64,8 @@ def cuda_timed(xp, fn) -> float:
 
 def gpu_gemm_flops(cupy, precision, n=8192, repeat=3) -> float:
     """FLOP/s of an n^3 matrix multiply on the GPU in ``precision``."""
-    from ..backend import set_tf32
-    set_tf32(cupy, precision == "tf32")
+    from ..gpu_layers import set_tf32
+    set_tf32(precision == "tf32")
     dtype = cupy.float16 if precision == "float16" else cupy.float32
     a = cupy.random.standard_normal((n, n), dtype=cupy.float32).astype(dtype)
     b = cupy.random.standard_normal((n, n), dtype=cupy.float32).astype(dtype)

@@ -1,0 +1,159 @@
+"""The GPU layer set the model runs by default on CuPy arrays: ``layers.py``'s functions through
+the fused CUDA kernels of ``kernels.py``.
+
+Each function here has the name and signature of a function of ``layers.py`` and gives the same
+outputs and gradients (tested equal in tests/test_gpu_kernels.py); only the caches may differ
+(GELU keeps gelu'(x); the loss keeps a log-sum-exp per row instead of the (N, V) probabilities).
+The kernels read float16, float32 and float64 arrays; float16 ones (mixed precision) are computed
+in float32 registers and rounded back once.
+
+``FLOAT16`` is the set for float16 activations: the same, with attention's four batched matrix
+products sent to cuBLAS directly (``kernels.batched_matmul``), which reads the strided heads of
+qkv as they are; CuPy's own matmul would copy them and compute float16 stacks in float32.
+
+``set_tf32`` switches the GPU's float32 matrix multiplies to TF32 tensor cores (the "tf32" and
+"float16" precisions of the model).
+
+Importing this module imports CuPy (through ``kernels``): the model imports it only on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import cupy as cp
+import numpy as np
+
+from . import kernels
+from .fast_layers import gelu_backward, qkv_heads
+from .layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
+                     dropout_backward, dropout_forward, embedding_backward, embedding_forward,
+                     linear_backward, linear_forward, softmax)
+
+# LayerNorm: one warp per row (kernels.layernorm_forward / layernorm_backward)
+layernorm_forward = kernels.layernorm_forward
+layernorm_backward = kernels.layernorm_backward
+
+
+def gelu_forward(x):
+    """``layers.gelu_forward`` in one kernel that writes gelu(x) and gelu'(x); the cache is
+    gelu'(x), so ``gelu_backward`` (the CPU fast set's) is one multiply."""
+    return kernels.gelu_forward(x)
+
+
+# the loss: one block per row, the probabilities recomputed in the backward from the logits
+cross_entropy_forward = kernels.cross_entropy_forward
+
+
+def cross_entropy_backward(dloss, cache):
+    """``layers.cross_entropy_backward`` for ``kernels.cross_entropy_forward``'s cache; dloss may
+    be a number or a 0-d device array."""
+    return kernels.cross_entropy_backward(dloss, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# causal multi-head self-attention
+
+
+def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
+    """``layers.attention_forward`` with the scale, the causal mask and the softmax in one kernel
+    (``kernels.causal_softmax_forward``, which skips the masked half). Same output and cache."""
+    q, k, v = qkv_heads(qkv, n_head)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = kernels.causal_softmax_forward(q @ k.transpose(0, 1, 3, 2), scale)  # (B, H, T, T)
+    att_d, mask = dropout_forward(att, dropout_p, rng)
+    y = _merge_heads(att_d @ v)                                           # (B, T, C)
+    return y, (q, k, v, att, mask, scale)
+
+
+def attention_backward(dy, cache):
+    """``layers.attention_backward`` with the softmax backward in one kernel
+    (``kernels.causal_softmax_backward``), dq, dk, dv written into their slices of dqkv."""
+    q, k, v, att, mask, scale = cache
+    B, H, T, hs = q.shape
+    dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
+    dqkv = cp.empty((B, T, 3, H, hs), dtype=dy.dtype)
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
+    att_d = att if mask is None else att * mask
+    # CuPy's batched matmul copies a transposed operand into C order first, which for att^T
+    # would be a copy of the whole (B, H, T, T) array: (a^T b)^T = b^T a moves the transpose
+    # onto the small (T, hs) operands instead
+    dv[...] = (dyh.transpose(0, 1, 3, 2) @ att_d).transpose(0, 1, 3, 2)
+    ds = dyh @ v.transpose(0, 1, 3, 2)                                    # d att_d (B, H, T, T)
+    if mask is not None:
+        ds *= mask
+    kernels.causal_softmax_backward(ds, att)
+    dq[...] = ds @ k
+    dq *= scale
+    dk[...] = (q.transpose(0, 1, 3, 2) @ ds).transpose(0, 1, 3, 2)        # as for dv
+    dk *= scale
+    return dqkv.reshape(B, T, 3 * H * hs)
+
+
+def _attention_forward_float16(qkv, n_head, dropout_p=0.0, rng=None):
+    """``attention_forward`` for float16 qkv: the two products go straight to cuBLAS
+    (``kernels.batched_matmul``) on the strided heads, and att @ v is written into the merged
+    (B, T, C) layout directly."""
+    q, k, v = qkv_heads(qkv, n_head)
+    B, H, T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
+    att = kernels.batched_matmul(q, k.transpose(0, 1, 3, 2), cp.empty((B, H, T, T), q.dtype))
+    kernels.causal_softmax_forward(att, scale)
+    att_d, mask = dropout_forward(att, dropout_p, rng)
+    y = cp.empty((B, T, H, hs), dtype=q.dtype)
+    kernels.batched_matmul(att_d, v, y.transpose(0, 2, 1, 3))             # heads merged
+    return y.reshape(B, T, H * hs), (q, k, v, att, mask, scale)
+
+
+def _attention_backward_float16(dy, cache):
+    """``attention_backward`` for float16, its products through cuBLAS as in the forward,
+    dq, dk, dv written into their slices of dqkv."""
+    q, k, v, att, mask, scale = cache
+    B, H, T, hs = q.shape
+    dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
+    dqkv = cp.empty((B, T, 3, H, hs), dtype=dy.dtype)
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
+    att_d = att if mask is None else att * mask
+    kernels.batched_matmul(att_d.transpose(0, 1, 3, 2), dyh, dv)          # dv = att_d^T dy
+    ds = kernels.batched_matmul(dyh, v.transpose(0, 1, 3, 2), cp.empty_like(att))
+    if mask is not None:
+        ds *= mask
+    kernels.causal_softmax_backward(ds, att)
+    kernels.batched_matmul(ds, k, dq)
+    dq *= scale
+    kernels.batched_matmul(ds.transpose(0, 1, 3, 2), q, dk)
+    dk *= scale
+    return dqkv.reshape(B, T, 3 * H * hs)
+
+
+FLOAT16 = SimpleNamespace(
+    embedding_forward=embedding_forward, embedding_backward=embedding_backward,
+    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
+    linear_forward=linear_forward, linear_backward=linear_backward,
+    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
+    dropout_forward=dropout_forward, dropout_backward=dropout_backward,
+    attention_forward=_attention_forward_float16, attention_backward=_attention_backward_float16,
+    attention_step=attention_step, softmax=softmax,
+    cross_entropy_forward=cross_entropy_forward, cross_entropy_backward=cross_entropy_backward,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# TF32
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let CuPy's float32 matrix multiplies use TF32 tensor cores (10-bit mantissa inputs,
+    float32 accumulation), or not. A process-wide cuBLAS setting.
+
+    CuPy otherwise reads the ``CUPY_TF32`` environment variable once. This sets the compute type
+    its GEMM calls pass to cuBLAS (COMPUTE_TYPE_TF32 = 7, COMPUTE_TYPE_DEFAULT = 1 in
+    cupy/_core/_routines_linalg) and the cuBLAS handle's math mode, which the batched calls
+    follow."""
+    from cupy._core import _routines_linalg as linalg
+    from cupy_backends.cuda.libs import cublas
+    linalg.set_compute_type(np.float32, 7 if enabled else 1)
+    handle = cp.cuda.device.get_cublas_handle()
+    tf32_math, default_math = 3, 0   # CUBLAS_TF32_TENSOR_OP_MATH, CUBLAS_DEFAULT_MATH
+    cublas.setMathMode(handle, tf32_math if enabled else default_math)
