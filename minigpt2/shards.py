@@ -282,3 +282,47 @@ class ShardWriter:
             self._file.close()
             self._file = None
             self._partial.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# for train --data DIR
+
+
+def _same_tokenizer(a, b) -> bool:
+    return all(getattr(a, k, None) == getattr(b, k, None)
+               for k in ("vocab", "merges", "special_tokens"))
+
+
+def training_data(directory, tokenizer=None, block_size: int = 1, log=print):
+    """(tokenizer, train TokenStream, val TokenStream, meta) of a prepared folder for ``train``,
+    after checking every shard once. ``tokenizer`` (a resumed or fine-tuned model's) must be the
+    one the shards were encoded with."""
+    tok, splits, meta = load_prepared(directory, check=True, log=log)
+    if tokenizer is not None and not _same_tokenizer(tokenizer, tok):
+        raise ValueError(f"{directory} was prepared with the {meta['tokenizer']} tokenizer "
+                         f"({tok.vocab_size} tokens), but the model's tokenizer differs: "
+                         "prepare the corpus with the model's tokenizer (prepare --tokenizer "
+                         "MODEL_DIR)")
+    for split, ids in splits.items():
+        if ids.size < block_size + 1:
+            raise ValueError(f"the {split} split of {directory} holds {ids.size} tokens, but "
+                             f"block_size + 1 = {block_size + 1} are needed: prepare it with a "
+                             "larger --shard-tokens (or more --val-shards), or use a smaller "
+                             "--block-size")
+    return tok, splits["train"], splits["val"], meta
+
+
+def check_same_data(saved: dict, meta: dict) -> None:
+    """A resumed run must read the data it was trained on: the manifest digest recorded in its
+    checkpoint must be the prepared folder's (runs on text files have none on both sides)."""
+    before, now = saved.get("manifest_sha256"), meta.get("manifest_sha256")
+    if before != now:
+        if before is None or now is None:
+            raise ValueError("--resume: the run was trained on "
+                             f"{'text' if before is None else 'a prepared folder'} but its data "
+                             f"is now {'text' if now is None else 'a prepared folder'}: resume "
+                             "on the same data, or start a new run")
+        raise ValueError(f"--resume: the run was trained on the prepared data whose "
+                         f"manifest.json has SHA-256 {before[:12]}..., but {meta['source']} now "
+                         f"has {now[:12]}...: the data changed; resume on the data it was "
+                         "trained on, or start a new run")

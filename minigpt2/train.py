@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data
+from . import checkpoint, data, shards
 from .backend import keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
 from .model import GPT, PRECISIONS
@@ -44,7 +44,8 @@ class TrainConfig:
     """Every setting of a training run (the ``train`` flags, with dashes as underscores)."""
 
     # data
-    data: str | None = None             # a text file or a folder of .txt files
+    data: str | None = None             # a text file, a folder of .txt files, or a folder
+                                        # prepared by ``prepare`` (manifest.json: token shards)
     dataset: str | None = None          # "shakespeare" (default, embedded) | "tinyshakespeare"
     tokenizer: str = "char"             # "char" | "gpt2" | "bpe" (trained on the corpus)
     vocab_size: int | None = None       # for --tokenizer bpe
@@ -80,11 +81,14 @@ class TrainConfig:
     seed: int = 1337
     out: str = "out"
     sample_tokens: int = 500            # printed at the end of the run (0: none)
+    hellaswag: str | None = None        # HellaSwag JSONL evaluated at each eval interval
+    hellaswag_examples: int = 500       # its first N examples (GPT-2 tokenizer only)
 
     def check(self) -> None:
         """Refuse impossible settings with a message that says what to do."""
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                    "max_iters", "eval_interval", "eval_iters", "log_interval")
+                    "max_iters", "eval_interval", "eval_iters", "log_interval",
+                    "hellaswag_examples")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -121,7 +125,8 @@ class TrainConfig:
 
 # settings a resumed run may change; the rest must stay as saved, or the run would not continue
 RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",
-                    "sample_tokens", "cache_dir", "out", "precision", "recompute")
+                    "sample_tokens", "cache_dir", "out", "precision", "recompute", "hellaswag",
+                    "hellaswag_examples")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,8 +230,10 @@ def _load_weights(directory, cfg: TrainConfig, vocab_size: int, what: str):
     return mcfg, params
 
 
-def _prepare_data(cfg: TrainConfig, tokenizer):
+def _prepare_data(cfg: TrainConfig, tokenizer, log=print):
     """Token files of the chosen corpus -> (tokenizer, train ids, val ids, meta)."""
+    if shards.is_prepared(cfg.data):        # a folder written by ``prepare``: shards as they are
+        return shards.training_data(cfg.data, tokenizer, cfg.block_size, log=log)
     name, text = data.load_source(cfg.data, cfg.dataset, cfg.cache_dir)
     folder = data.prepare(text, name, cfg.tokenizer, cfg.cache_dir, cfg.vocab_size,
                           tokenizer=tokenizer)
@@ -294,6 +301,7 @@ class Run:
     meta: dict                  # the token files' meta.json
     data_rng: np.random.Generator
     scaler: LossScaler | None = None    # float16 mixed precision only
+    hellaswag: list | None = None       # the HellaSwag examples evaluated with the losses
     step: int = 0               # optimizer steps done
     best_val: float = math.inf
     elapsed: float = 0.0        # seconds of earlier sessions of this run
@@ -314,13 +322,15 @@ class Run:
         return data.get_batch(self.splits["train"], c.batch_size, c.block_size, self.data_rng)
 
 
-def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Run:
+def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
+          log=print) -> Run:
     """Check the settings, prepare the data, build (or load) model and optimizer.
 
     Nothing is written to the run folder here, so a refused run leaves it as it was."""
     cfg.check()
     # absolute paths, so a resumed run finds its data from any working folder
-    cfg = dataclasses.replace(cfg, **{k: str(Path(v).resolve()) for k in ("data", "init_from")
+    cfg = dataclasses.replace(cfg, **{k: str(Path(v).resolve())
+                                      for k in ("data", "init_from", "hellaswag")
                                       if (v := getattr(cfg, k)) is not None})
     out = Path(cfg.out)
     continuing_here = resume is not None and out.resolve() == Path(resume).resolve()
@@ -335,7 +345,18 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
         tokenizer = data.load_tokenizer(resume, default_gpt2=False)
     else:
         tokenizer = data.load_tokenizer(cfg.init_from) if cfg.init_from else None
-    tokenizer, train_ids, val_ids, meta = _prepare_data(cfg, tokenizer)
+    tokenizer, train_ids, val_ids, meta = _prepare_data(cfg, tokenizer, log)
+    if state is not None:
+        shards.check_same_data(state.get("data") or {}, meta)
+    examples = None
+    if cfg.hellaswag is not None:
+        from .eval.hellaswag import check_examples, read_examples
+        if not data.is_gpt2(tokenizer):
+            raise ValueError("--hellaswag scores GPT-2-tokenized text, but this run's tokenizer "
+                             f"is {data.tokenizer_name(tokenizer)} ({meta.get('tokenizer')}): "
+                             "train with GPT-2's tokenizer, or leave out --hellaswag")
+        examples = read_examples(cfg.hellaswag, cfg.hellaswag_examples)
+        check_examples(tokenizer, examples, cfg.block_size, f"--hellaswag {cfg.hellaswag}")
 
     weights = resume if resume is not None else cfg.init_from
     if weights is not None:
@@ -350,7 +371,7 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
                 weight_decay=cfg.weight_decay)
     run = Run(cfg, out, model, opt, tokenizer, {"train": train_ids, "val": val_ids}, meta,
               data_rng=np.random.default_rng([cfg.seed, 1]),
-              scaler=LossScaler() if cfg.precision == "float16" else None)
+              scaler=LossScaler() if cfg.precision == "float16" else None, hellaswag=examples)
     if state is not None:  # continue exactly: moments, step, and both random streams
         checkpoint.load_optimizer_state(resume, opt)
         checkpoint.set_rng_state(run.data_rng, state["rng"]["data"])
@@ -383,7 +404,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     Returns {"status": 0 | 130, "step", "val_loss", "best_val_loss", "out"}; 130 means the run
     was interrupted (Ctrl-C) and saved.
     """
-    run = setup(cfg, resume, overwrite)
+    run = setup(cfg, resume, overwrite, log)
     cfg, model, out = run.cfg, run.model, run.out
     metrics_path = _start_log(run, resume)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
@@ -402,8 +423,15 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         losses = estimate_loss(model, run.splits, cfg, run.step)
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"the evaluation loss became {losses} at step {run.step}")
-        bar.write(f"step {run.step}: train loss {losses['train']:.4f}, "
-                  f"val loss {losses['val']:.4f}")
+        line = (f"step {run.step}: train loss {losses['train']:.4f}, "
+                f"val loss {losses['val']:.4f}")
+        if run.hellaswag:
+            from .eval.hellaswag import hellaswag
+            h = hellaswag(model, run.tokenizer, run.hellaswag)
+            losses.update(hellaswag_acc=h["acc"], hellaswag_acc_norm=h["acc_norm"],
+                          hellaswag_n=h["n"])
+            line += f", HellaSwag acc_norm {h['acc_norm']:.4f} ({h['n']} examples)"
+        bar.write(line)
         return losses
 
     with open(metrics_path, "a") as metrics, _StopFlag() as stop:
@@ -414,7 +442,8 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         try:
             if run.step == 0:  # the starting point of the curves: about ln(V)
                 losses = evaluate()
-                record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
+                record({"step": 0, "tokens": 0, "epoch": 0.0, "train_loss": losses.pop("train"),
+                        "val_loss": losses.pop("val"), **losses})
             t_window, steps_window = time.perf_counter(), 0
             while run.step < cfg.max_iters:
                 loss, norm = train_step(model, run.opt, run.next_batch, cfg, run.step,
@@ -426,8 +455,11 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                 if run.step % cfg.log_interval == 0 or is_eval or run.step == 1:
                     now = time.perf_counter()
                     tps = steps_window * tokens_per_step / max(now - t_window, 1e-9)
+                    seen = run.step * tokens_per_step
                     entry = {"step": run.step, "loss": loss, "lr": run.opt.lr,
-                             "grad_norm": norm, "tokens_per_s": round(tps, 1),
+                             "grad_norm": norm, "tokens": seen,
+                             "epoch": seen / run.meta["train_tokens"],
+                             "tokens_per_s": round(tps, 1),
                              "elapsed_s": round(run.elapsed + now - t_start, 3)}
                     if run.scaler is not None:   # float16: the scale, and the steps skipped
                         entry.update(loss_scale=run.scaler.scale,
@@ -436,8 +468,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                                     tok_s=f"{tps:,.0f}")
                     if is_eval:
                         losses = evaluate()
-                        entry.update(train_loss=losses["train"], val_loss=losses["val"])
-                        last_val = losses["val"]
+                        entry.update(train_loss=losses.pop("train"), val_loss=losses.pop("val"),
+                                     **losses)
+                        last_val = entry["val_loss"]
                         if last_val < run.best_val:
                             run.best_val = last_val
                             checkpoint.save_best(out, model, run.tokenizer)
@@ -467,7 +500,10 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     if status == 0:
         def fmt(v):
             return "n/a" if v is None else f"{v:.4f}"
-        log(f"done: {run.step} steps in {run.elapsed + time.perf_counter() - t_start:.0f} s, "
+        seen = run.step * tokens_per_step
+        log(f"done: {run.step} steps ({seen:,} tokens seen, "
+            f"{seen / run.meta['train_tokens']:.3g} epochs of the training split) in "
+            f"{run.elapsed + time.perf_counter() - t_start:.0f} s, "
             f"val loss {fmt(last_val)} (best {fmt(best)}); model in {out}, best in {out}/best")
         if run.scaler is not None:
             log(f"float16: {run.scaler.skipped} step(s) skipped for overflow, loss scale now "
@@ -532,7 +568,8 @@ def add_arguments(p):
 
     p.add_argument("--config", metavar="FILE",
                    help="a JSON or TOML file of settings; flags override it")
-    opt("--data", str, "a UTF-8 text file or a folder of .txt files", metavar="PATH")
+    opt("--data", str, "a UTF-8 text file, a folder of .txt files, or a folder made by "
+        "'prepare' (token shards + manifest.json; its tokenizer is used)", metavar="PATH")
     opt("--dataset", str, "shakespeare (embedded, the default) or tinyshakespeare (download)")
     opt("--tokenizer", str, "char, gpt2 (GPT-2's vocabulary) or bpe (trained on the corpus)")
     opt("--vocab-size", int, "vocabulary size of a trained BPE tokenizer")
@@ -569,6 +606,9 @@ def add_arguments(p):
     opt("--seed", int)
     opt("--out", str, "run folder: checkpoint, best/, metrics.jsonl", metavar="DIR")
     opt("--sample-tokens", int, "characters/tokens sampled at the end")
+    opt("--hellaswag", str, "HellaSwag validation JSONL: evaluated at every eval interval and "
+        "logged in metrics.jsonl (GPT-2 tokenizer only)", metavar="FILE")
+    opt("--hellaswag-examples", int, "the first N HellaSwag examples per evaluation")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out folder that already holds a run")
