@@ -175,7 +175,8 @@ def run_prepare(corpus: Path, out: Path, workers: int, shard_tokens: int) -> dic
     stop.set()
     sampler.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"prepare failed: {stderr.strip()}")
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else f"status {proc.returncode}"
+        raise RuntimeError(f"prepare failed: {last}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": peak[0], "log": stdout.strip()}
 

@@ -296,3 +296,20 @@ def test_hf_input_without_datasets_is_one_line(tmp_path):
     r = run_cli("prepare", "hf:HuggingFaceFW/fineweb-edu", "--out", tmp_path / "o",
                 "--no-progress")
     assert r.returncode == 2 and "pip install datasets" in r.stderr
+
+
+def test_bench_prepare_prints_ratios_memory_and_equality(tmp_path):
+    """``bench prepare`` on a tiny generated corpus: a row per worker count with MB/s, its ratio
+    to tiktoken and the peak memory, and ids equal to tiktoken's (timings are not asserted)."""
+    r = run_cli("bench", "prepare", "--mb", "0.3", "--workers", "1", "--shard-tokens", "20000",
+                "--dir", tmp_path, "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    ours = [row for row in rows if row["workers"] == 1]
+    ref = [row for row in rows if row["workers"] is None]
+    assert len(ours) == 1 and len(ref) == 1
+    assert ref[0]["ids_equal_tiktoken"] is True
+    assert ours[0]["mb_per_s"] > 0 and ours[0]["peak_rss_mib"] > 0
+    assert "÷ tiktoken" in r.stdout
+    # the corpus is kept and reused from --dir
+    assert (tmp_path / "corpus_0.3MB.jsonl").is_file()

@@ -141,3 +141,16 @@ def test_hellaswag_logged_at_each_evaluation(tmp_path):
     for r in evals:
         assert r["hellaswag_n"] == 2 and 0 <= r["hellaswag_acc_norm"] <= 1
         assert r["hellaswag_acc"] in (0.0, 0.5, 1.0)
+
+
+def test_recipe_config_is_the_124m_run():
+    """configs/gpt2-124m.toml loads through --config's reader and passes the checks:
+    GPT-2 124M, 524,288 tokens per step, 18,865 steps."""
+    from minigpt2.config import GPTConfig
+    from minigpt2.train import _load_config_file
+    path = Path(__file__).parent.parent / "configs" / "gpt2-124m.toml"
+    cfg = TrainConfig(**_load_config_file(path))
+    cfg.check()
+    assert cfg.batch_size * cfg.block_size * cfg.grad_accum == 524_288
+    assert cfg.max_iters == 18_865 and cfg.block_size == 1024
+    assert GPTConfig.preset(cfg.preset).num_params() == 124_439_808
