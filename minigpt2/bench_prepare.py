@@ -47,7 +47,8 @@ def add_arguments(p):
                    help="tokens per shard (default 10,000,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, default=None,
-                   help="work folder (default: a temporary one, removed at the end)")
+                   help="work folder, kept: corpora and shards (default: a temporary one, "
+                        "removed at the end)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
 
 
@@ -284,7 +285,9 @@ def run(args) -> int:
             if not ref["equal"]:
                 raise RuntimeError(f"document {ref['first_mismatch']} differs from tiktoken: a "
                                    "bug, please report")
-            shutil.rmtree(work / f"out_{mb:g}MB_{worker_counts[-1]}w", ignore_errors=True)
+            if args.dir is None:                  # a temporary folder: free the disk early
+                for w in worker_counts:
+                    shutil.rmtree(work / f"out_{mb:g}MB_{w}w", ignore_errors=True)
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

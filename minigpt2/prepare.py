@@ -144,8 +144,10 @@ def _file_source(path: Path) -> Source:
     return Source(_kind(path), str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
-def resolve_inputs(inputs) -> list[Source]:
-    """INPUT arguments -> the sources, in order (a folder's files sorted by path)."""
+def resolve_inputs(inputs, exclude=None) -> list[Source]:
+    """INPUT arguments -> the sources, in order (a folder's files sorted by path; files inside
+    the folder ``exclude``, the output, are left out)."""
+    exclude = Path(exclude).resolve() if exclude is not None else None
     if not inputs:
         raise ValueError("give at least one INPUT: a .txt/.jsonl/.jsonl.gz file, a folder of "
                          "them, or hf:NAME")
@@ -160,7 +162,8 @@ def resolve_inputs(inputs) -> list[Source]:
             continue
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p)
+                           and not (exclude and p.resolve().is_relative_to(exclude)))
             if not files:
                 raise FileNotFoundError(f"the folder {path} holds no {', '.join(SUFFIXES)} "
                                         "files")
@@ -519,7 +522,7 @@ def prepare(inputs, out, tokenizer="gpt2", shard_tokens=DEFAULT_SHARD_TOKENS, va
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a folder")
-    sources = resolve_inputs(inputs)
+    sources = resolve_inputs(inputs, exclude=out)
     tok, name = resolve_tokenizer(tokenizer)
     eot_id = tok.special_tokens[EOT]
     workers = workers or os.cpu_count() or 1

@@ -131,9 +131,11 @@ def test_jsonl_txt_folder_equal_tiktoken(tmp_path, ref, gpt2):
     for i, d in enumerate(docs[50:]):
         (folder / "sub" / f"c{i:02d}.txt").write_text(d, encoding="utf-8")
     (folder / "ignored.md").write_text("not an input")
-    out = tmp_path / "out"
-    result = prep.prepare([folder], out, tokenizer=gpt2, shard_tokens=2000, workers=1, progress=False,
-                          log=lambda *_: None)
+    out = folder / "shards"                     # inside the input folder: not read as input
+    (out).mkdir()
+    (out / "vocab.txt").write_text("not an input either")
+    result = prep.prepare([folder], out, tokenizer=gpt2, shard_tokens=2000, workers=1,
+                          progress=False, log=lambda *_: None)
     stream, manifest = read_stream(out)
     assert np.array_equal(stream, reference_stream(ref, docs))
     assert result["documents"] == len(docs) and result["tokens"] == stream.size
@@ -157,8 +159,8 @@ def test_long_document_in_pieces_and_two_workers(tmp_path, ref, gpt2):
     expected = reference_stream(ref, docs + [long_doc])
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
-        prep.prepare([src, tmp_path / "big.txt"], out, tokenizer=gpt2, shard_tokens=3000, workers=workers,
-                     piece_chars=2048, progress=False, log=lambda *_: None)
+        prep.prepare([src, tmp_path / "big.txt"], out, tokenizer=gpt2, shard_tokens=3000,
+                     workers=workers, piece_chars=2048, progress=False, log=lambda *_: None)
         assert np.array_equal(read_stream(out)[0], expected)
     assert (tmp_path / "out1" / "manifest.json").read_bytes() == \
         (tmp_path / "out2" / "manifest.json").read_bytes()
