@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections import deque
@@ -325,8 +326,10 @@ def iter_pieces(sources, text_field="text", piece_chars=PIECE_CHARS, start=(0, 0
 _worker = {}
 
 
-def _worker_init(tokenizer, eot_id):
+def _worker_init(tokenizer, eot_id, in_pool=False):
     _worker["tok"], _worker["eot"] = tokenizer, eot_id
+    if in_pool:     # Ctrl-C reaches the whole process group: the main process alone handles it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def encode_pieces(pieces) -> tuple[np.ndarray, list[int]]:
@@ -356,7 +359,7 @@ class _Encoder:
             # "spawn": each worker starts clean (no copy of this process's memory) and gets the
             # tokenizer's tables (``Tokenizer.__getstate__``), not its cache
             self.pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_worker_init, initargs=(tokenizer, eot_id))
+                workers, initializer=_worker_init, initargs=(tokenizer, eot_id, True))
         else:
             _worker_init(tokenizer, eot_id)
 

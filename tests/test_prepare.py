@@ -315,3 +315,49 @@ def test_bench_prepare_prints_ratios_memory_and_equality(tmp_path):
     assert "÷ tiktoken" in r.stdout
     # the corpus is kept and reused from --dir
     assert (tmp_path / "corpus_0.3MB.jsonl").is_file()
+
+
+def test_ctrl_c_then_kill_then_the_same_command_finishes_the_job(tmp_path, gpt2):
+    """A real interruption, twice: Ctrl-C (SIGINT to the process group, 2 workers) exits 130
+    with one line; SIGKILL of the whole group leaves what it leaves; the same command then
+    finishes, byte-identical to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    src = tmp_path / "d.jsonl"
+    write_jsonl(src, make_docs(600, seed=8, max_words=800))
+    prep.prepare([src], tmp_path / "whole", tokenizer=gpt2, shard_tokens=4000, workers=1,
+                 progress=False, log=lambda *_: None)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "minigpt2", "prepare", str(src), "--out", str(out),
+           "--shard-tokens", "4000", "--no-progress"]
+
+    def interrupt(sig, at_least):
+        p = subprocess.Popen(cmd + ["--workers", "2"], start_new_session=True,
+                             stderr=subprocess.PIPE, text=True)
+        while p.poll() is None:
+            try:
+                n = len(json.loads((out / prep.STATE).read_text())["shards"])
+            except (OSError, ValueError):
+                n = 0
+            if n >= at_least:
+                os.killpg(p.pid, sig)
+                break
+            time.sleep(0.02)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode != 0, "the run ended before it could be interrupted"
+        return p.returncode, err
+
+    status, err = interrupt(signal.SIGINT, 2)
+    assert status == 130 and "run the same command again" in err
+    assert len(err.strip().splitlines()) == 1
+    done = len(json.loads((out / prep.STATE).read_text())["shards"])
+    status, _ = interrupt(signal.SIGKILL, done + 2)
+    assert status == -signal.SIGKILL
+    r = run_cli("prepare", src, "--out", out, "--shard-tokens", "4000", "--no-progress",
+                "--workers", "1")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    assert np.array_equal(read_stream(out)[0], read_stream(tmp_path / "whole")[0])
+    assert not list(out.glob("*.partial"))
