@@ -24,8 +24,10 @@ COMMANDS = {
     "prepare": ("minigpt2.prepare", "stream a corpus of any size into token shards + "
                 "manifest.json"),
     "tokenizer": ("minigpt2.tokenizer_cli", "byte-level BPE: train a vocabulary, encode, decode"),
-    "bench": ("minigpt2.bench", "minigpt2 against reference libraries: train, generate, tokenizer, bloom"),
-    "eval": ("minigpt2.eval.cli", "zero-shot evaluations: perplexity, lambada, cbt, prompts"),
+    "bench": ("minigpt2.bench", "minigpt2 against reference libraries: train, generate, tokenizer, "
+              "bloom, prepare"),
+    "eval": ("minigpt2.eval.cli", "zero-shot evaluations: perplexity, lambada, cbt, prompts, "
+             "hellaswag"),
     "overlap": ("minigpt2.eval.overlap", "8-gram Bloom-filter overlap of test and training text"),
 }
 
