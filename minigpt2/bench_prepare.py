@@ -15,6 +15,10 @@ meets new words as in real text. For each corpus size (``--mb``, default 100 and
   - every document's ids in the shards compared with tiktoken's (<|endoftext|> then
     ``encode_ordinary``), and the shards of every worker count compared by their digests.
 
+With ``--worker-bound``: the memory bound of one worker, in a fresh process: the chunk cache
+driven to its limit (2^19 chunks) with distinct random words, then one more 1M-character task;
+the resident memory after the imports, after loading GPT-2's tables, and at the peak.
+
 The ratio is minigpt2's MB/s over tiktoken's (above 1: minigpt2 is faster). On a machine
 shared with other work the wall-clock figures depend on the load; the MB per CPU-second do not
 (much), so both are printed. A corpus already generated in ``--dir`` (same size and seed) is
@@ -49,6 +53,8 @@ def add_arguments(p):
     p.add_argument("--dir", type=Path, default=None,
                    help="work folder, kept: corpora and shards (default: a temporary one, "
                         "removed at the end)")
+    p.add_argument("--worker-bound", action="store_true",
+                   help="also measure one worker's memory with its chunk cache full")
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
 
 
@@ -182,6 +188,36 @@ def run_prepare(corpus: Path, out: Path, workers: int, shard_tokens: int) -> dic
     return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": peak[0], "log": stdout.strip()}
 
 
+_WORKER_BOUND = """
+import json, random
+from minigpt2 import prepare
+from minigpt2.tokenizer import Tokenizer
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+imports = rss()
+tok = Tokenizer.gpt2()
+prepare._worker_init(tok, 50256)
+tables = rss()
+rng, letters, peak = random.Random(0), "abcdefghijklmnopqrstuvwxyz", 0
+while len(tok._cache) <= Tokenizer.CACHE_MAX:
+    words = ["".join(rng.choice(letters) for _ in range(rng.randrange(5, 12)))
+             for _ in range(100_000)]
+    prepare.encode_pieces([(True, " " + " ".join(words))])
+    peak = max(peak, rss())
+print(json.dumps({"imports": imports, "tables": tables, "peak": peak, "cache": len(tok._cache)}))
+"""
+
+
+def worker_bound() -> dict:
+    """One worker's resident memory (bytes): after the imports, with GPT-2's tables, at the
+    peak with its chunk cache full and a 1M-character task (a fresh process)."""
+    r = subprocess.run([sys.executable, "-c", _WORKER_BOUND], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"the worker-bound measurement failed: {r.stderr.strip()[-200:]}")
+    return json.loads(r.stdout)
+
+
 # ----------------------------------------------------------------------------------------------
 # tiktoken
 
@@ -305,6 +341,13 @@ def run(args) -> int:
             print(f"{mb:>9}  {r['what']:<36} {r['seconds']:>8.1f} {r['mb_per_s']:>7.2f} "
                   f"{ratio:>10} {r['cpu_seconds']:>8.1f} {r['mb_per_cpu_s']:>9.2f} "
                   f"{cpu_ratio:>10} {rss:>12}")
+    if args.worker_bound:
+        b = worker_bound()
+        print(f"one worker: {b['imports'] / 2**20:.0f} MiB after the imports, "
+              f"{b['tables'] / 2**20:.0f} MiB with GPT-2's tables, peak {b['peak'] / 2**20:.0f} "
+              f"MiB with {b['cache']:,} chunks cached and a 1M-character task")
+        rows.append({"what": "one worker, chunk cache full", "imports_mib": b["imports"] / 2**20,
+                     "tables_mib": b["tables"] / 2**20, "peak_rss_mib": b["peak"] / 2**20})
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"(machine: {os.cpu_count()} cores, load average {load:.1f} at the end; tiktoken "
           "uses its default thread pool)")
