@@ -21,9 +21,13 @@ COMMANDS = {
     "sample": ("minigpt2.sample", "generate text from a trained model or a GPT-2 folder"),
     "plot": ("minigpt2.plot", "draw the loss curves of a training run to a PNG"),
     "download": ("minigpt2.download", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
+    "prepare": ("minigpt2.prepare", "stream a corpus of any size into token shards + "
+                "manifest.json"),
     "tokenizer": ("minigpt2.tokenizer_cli", "byte-level BPE: train a vocabulary, encode, decode"),
-    "bench": ("minigpt2.bench", "minigpt2 against reference libraries: train, generate, tokenizer, bloom"),
-    "eval": ("minigpt2.eval.cli", "zero-shot evaluations: perplexity, lambada, cbt, prompts"),
+    "bench": ("minigpt2.bench", "minigpt2 against reference libraries: train, generate, tokenizer, "
+              "bloom, prepare"),
+    "eval": ("minigpt2.eval.cli", "zero-shot evaluations: perplexity, lambada, cbt, prompts, "
+             "hellaswag"),
     "overlap": ("minigpt2.eval.overlap", "8-gram Bloom-filter overlap of test and training text"),
 }
 

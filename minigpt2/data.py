@@ -15,6 +15,7 @@ text's SHA-256). ``get_batch`` draws random windows from them, as nanoGPT's does
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -267,6 +268,23 @@ def load_tokenizer(directory, default_gpt2=True):
         from .tokenizer import Tokenizer  # imported only when BPE is used
         return Tokenizer.load(directory) if bpe_files else Tokenizer.gpt2()
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_reference():
+    from .tokenizer import Tokenizer
+    return Tokenizer.gpt2()
+
+
+def is_gpt2(tok) -> bool:
+    """True when ``tok`` is GPT-2's tokenizer: the same 50,000 merges, byte tokens and
+    <|endoftext|> = 50256 as ``Tokenizer.gpt2()``, wherever it was loaded from."""
+    if isinstance(tok, CharTokenizer) or getattr(tok, "vocab_size", None) != 50257 \
+            or len(getattr(tok, "merges", ())) != 50000:
+        return False
+    ref = _gpt2_reference()
+    return (tok.merges == ref.merges and tok.vocab == ref.vocab
+            and tok.special_tokens == ref.special_tokens)
 
 
 def tokenizer_name(tok) -> str:

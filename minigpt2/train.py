@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data
+from . import checkpoint, data, shards
 from .backend import resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
 from .files import write_atomic
@@ -46,7 +46,8 @@ class TrainConfig:
     """Every setting of a training run (the ``train`` flags, with dashes as underscores)."""
 
     # data
-    data: str | None = None             # a text file or a folder of .txt files
+    data: str | None = None             # a text file, a folder of .txt files, or a folder
+                                        # prepared by ``prepare`` (manifest.json: token shards)
     dataset: str | None = None          # "shakespeare" (default, embedded) | "tinyshakespeare"
     tokenizer: str = "char"             # "char" | "gpt2" | "bpe" (trained on the corpus)
     vocab_size: int | None = None       # for --tokenizer bpe
@@ -82,11 +83,14 @@ class TrainConfig:
     seed: int = 1337
     out: str = "out"
     sample_tokens: int = 500            # printed at the end of the run (0: none)
+    hellaswag: str | None = None        # HellaSwag JSONL evaluated at each eval interval
+    hellaswag_examples: int = 500       # its first N examples (GPT-2 tokenizer only)
 
     def check(self) -> None:
         """Refuse impossible settings with a message that says what to do."""
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                    "max_iters", "eval_interval", "eval_iters", "log_interval")
+                    "max_iters", "eval_interval", "eval_iters", "log_interval",
+                    "hellaswag_examples")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -222,8 +226,10 @@ def _load_weights(directory, cfg: TrainConfig, vocab_size: int, what: str):
     return mcfg, params
 
 
-def _prepare_data(cfg: TrainConfig, tokenizer):
+def _prepare_data(cfg: TrainConfig, tokenizer, log=print):
     """Token files of the chosen corpus -> (tokenizer, train ids, val ids, meta)."""
+    if shards.is_prepared(cfg.data):        # a folder written by ``prepare``: shards as they are
+        return shards.training_data(cfg.data, tokenizer, cfg.block_size, log=log)
     name, text = data.load_source(cfg.data, cfg.dataset, cfg.cache_dir)
     folder = data.prepare(text, name, cfg.tokenizer, cfg.cache_dir, cfg.vocab_size,
                           tokenizer=tokenizer)
@@ -291,6 +297,7 @@ class Run:
     meta: dict                  # the token files' meta.json
     data_rng: np.random.Generator
     scaler: LossScaler | None = None    # float16 mixed precision only
+    hellaswag: list | None = None       # the HellaSwag examples evaluated with the losses
     step: int = 0               # optimizer steps done
     best_val: float = math.inf
     elapsed: float = 0.0        # seconds of earlier sessions of this run
@@ -311,13 +318,15 @@ class Run:
         return data.get_batch(self.splits["train"], c.batch_size, c.block_size, self.data_rng)
 
 
-def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Run:
+def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
+          log=print) -> Run:
     """Check the settings, prepare the data, build (or load) model and optimizer.
 
     Nothing is written to the run folder here, so a refused run leaves it as it was."""
     cfg.check()
     # absolute paths, so a resumed run finds its data from any working folder
-    cfg = dataclasses.replace(cfg, **{k: str(Path(v).resolve()) for k in ("data", "init_from")
+    cfg = dataclasses.replace(cfg, **{k: str(Path(v).resolve())
+                                      for k in ("data", "init_from", "hellaswag")
                                       if (v := getattr(cfg, k)) is not None})
     out = Path(cfg.out)
     continuing_here = resume is not None and out.resolve() == Path(resume).resolve()
@@ -332,7 +341,18 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
         tokenizer = data.load_tokenizer(resume, default_gpt2=False)
     else:
         tokenizer = data.load_tokenizer(cfg.init_from) if cfg.init_from else None
-    tokenizer, train_ids, val_ids, meta = _prepare_data(cfg, tokenizer)
+    tokenizer, train_ids, val_ids, meta = _prepare_data(cfg, tokenizer, log)
+    if state is not None:
+        shards.check_same_data(state.get("data") or {}, meta)
+    examples = None
+    if cfg.hellaswag is not None:
+        from .eval.hellaswag import check_examples, read_examples
+        if not data.is_gpt2(tokenizer):
+            raise ValueError("--hellaswag scores GPT-2-tokenized text, but this run's tokenizer "
+                             f"is {data.tokenizer_name(tokenizer)} ({meta.get('tokenizer')}): "
+                             "train with GPT-2's tokenizer, or leave out --hellaswag")
+        examples = read_examples(cfg.hellaswag, cfg.hellaswag_examples)
+        check_examples(tokenizer, examples, cfg.block_size, f"--hellaswag {cfg.hellaswag}")
 
     weights = resume if resume is not None else cfg.init_from
     if weights is not None:
@@ -347,7 +367,7 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
                 weight_decay=cfg.weight_decay)
     run = Run(cfg, out, model, opt, tokenizer, {"train": train_ids, "val": val_ids}, meta,
               data_rng=np.random.default_rng([cfg.seed, 1]),
-              scaler=LossScaler() if cfg.precision == "float16" else None)
+              scaler=LossScaler() if cfg.precision == "float16" else None, hellaswag=examples)
     if state is not None:  # continue exactly: moments, step, and both random streams
         checkpoint.load_optimizer_state(resume, opt)
         checkpoint.set_rng_state(run.data_rng, state["rng"]["data"])
@@ -380,7 +400,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     Returns {"status": 0 | 130, "step", "val_loss", "best_val_loss", "out"}; 130 means the run
     was interrupted (Ctrl-C) and saved.
     """
-    run = setup(cfg, resume, overwrite)
+    run = setup(cfg, resume, overwrite, log)
     cfg, model, out = run.cfg, run.model, run.out
     metrics_path = _start_log(run, resume)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
@@ -399,8 +419,15 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         losses = estimate_loss(model, run.splits, cfg, run.step)
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"the evaluation loss became {losses} at step {run.step}")
-        bar.write(f"step {run.step}: train loss {losses['train']:.4f}, "
-                  f"val loss {losses['val']:.4f}")
+        line = (f"step {run.step}: train loss {losses['train']:.4f}, "
+                f"val loss {losses['val']:.4f}")
+        if run.hellaswag:
+            from .eval.hellaswag import hellaswag
+            h = hellaswag(model, run.tokenizer, run.hellaswag)
+            losses.update(hellaswag_acc=h["acc"], hellaswag_acc_norm=h["acc_norm"],
+                          hellaswag_n=h["n"])
+            line += f", HellaSwag acc_norm {h['acc_norm']:.4f} ({h['n']} examples)"
+        bar.write(line)
         return losses
 
     with open(metrics_path, "a") as metrics, _StopFlag() as stop:
@@ -411,7 +438,8 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         try:
             if run.step == 0:  # the starting point of the curves: about ln(V)
                 losses = evaluate()
-                record({"step": 0, "train_loss": losses["train"], "val_loss": losses["val"]})
+                record({"step": 0, "tokens": 0, "epoch": 0.0, "train_loss": losses.pop("train"),
+                        "val_loss": losses.pop("val"), **losses})
             t_window, steps_window = time.perf_counter(), 0
             while run.step < cfg.max_iters:
                 loss, norm = train_step(model, run.opt, run.next_batch, cfg, run.step,
@@ -423,8 +451,11 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                 if run.step % cfg.log_interval == 0 or is_eval or run.step == 1:
                     now = time.perf_counter()
                     tps = steps_window * tokens_per_step / max(now - t_window, 1e-9)
+                    seen = run.step * tokens_per_step
                     entry = {"step": run.step, "loss": loss, "lr": run.opt.lr,
-                             "grad_norm": norm, "tokens_per_s": round(tps, 1),
+                             "grad_norm": norm, "tokens": seen,
+                             "epoch": seen / run.meta["train_tokens"],
+                             "tokens_per_s": round(tps, 1),
                              "elapsed_s": round(run.elapsed + now - t_start, 3)}
                     if run.scaler is not None:   # float16: the scale, and the steps skipped
                         entry.update(loss_scale=run.scaler.scale,
@@ -433,8 +464,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                                     tok_s=f"{tps:,.0f}")
                     if is_eval:
                         losses = evaluate()
-                        entry.update(train_loss=losses["train"], val_loss=losses["val"])
-                        last_val = losses["val"]
+                        entry.update(train_loss=losses.pop("train"), val_loss=losses.pop("val"),
+                                     **losses)
+                        last_val = entry["val_loss"]
                         if last_val < run.best_val:
                             run.best_val = last_val
                             checkpoint.save_best(out, model, run.tokenizer)
@@ -464,7 +496,10 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     if status == 0:
         def fmt(v):
             return "n/a" if v is None else f"{v:.4f}"
-        log(f"done: {run.step} steps in {run.elapsed + time.perf_counter() - t_start:.0f} s, "
+        seen = run.step * tokens_per_step
+        log(f"done: {run.step} steps ({seen:,} tokens seen, "
+            f"{seen / run.meta['train_tokens']:.3g} epochs of the training split) in "
+            f"{run.elapsed + time.perf_counter() - t_start:.0f} s, "
             f"val loss {fmt(last_val)} (best {fmt(best)}); model in {out}, best in {out}/best")
         if run.scaler is not None:
             log(f"float16: {run.scaler.skipped} step(s) skipped for overflow, loss scale now "

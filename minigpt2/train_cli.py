@@ -15,7 +15,8 @@ from .train import TrainConfig, train
 
 # settings a resumed run may change; the rest must stay as saved, or the run would not continue
 RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",
-                    "sample_tokens", "cache_dir", "out", "precision", "recompute")
+                    "sample_tokens", "cache_dir", "out", "precision", "recompute", "hellaswag",
+                    "hellaswag_examples")
 
 
 _MALLOC_TUNED = False
@@ -84,7 +85,8 @@ def add_arguments(p):
 
     p.add_argument("--config", metavar="FILE",
                    help="a JSON or TOML file of settings; flags override it")
-    opt("--data", str, "a UTF-8 text file or a folder of .txt files", metavar="PATH")
+    opt("--data", str, "a UTF-8 text file, a folder of .txt files, or a folder made by "
+        "'prepare' (token shards + manifest.json; its tokenizer is used)", metavar="PATH")
     opt("--dataset", str, "shakespeare (embedded, the default) or tinyshakespeare (download)")
     opt("--tokenizer", str, "char, gpt2 (GPT-2's vocabulary) or bpe (trained on the corpus)")
     opt("--vocab-size", int, "vocabulary size of a trained BPE tokenizer")
@@ -121,6 +123,9 @@ def add_arguments(p):
     opt("--seed", int)
     opt("--out", str, "run folder: checkpoint, best/, metrics.jsonl", metavar="DIR")
     opt("--sample-tokens", int, "characters/tokens sampled at the end")
+    opt("--hellaswag", str, "HellaSwag validation JSONL: evaluated at every eval interval and "
+        "logged in metrics.jsonl (GPT-2 tokenizer only)", metavar="FILE")
+    opt("--hellaswag-examples", int, "the first N HellaSwag examples per evaluation")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out folder that already holds a run")

@@ -3,6 +3,7 @@
     perplexity   sliding-window perplexity; per token, per word, bits per byte / character
     lambada      last-word accuracy (greedy, several tokens), optional stop-word filter
     cbt          multiple choice by the probability of the completed sentence
+    hellaswag    4-way completion by the endings' summed and mean loss (llm.c's scoring)
     prompts      zero-shot summarization (TL;DR:), translation, question answering
     bloom        8-gram Bloom filter: normalisation, vectorised hashing, optimal sizing
     overlap      train/test 8-gram overlap, streamed over files (``python -m minigpt2 overlap``)
@@ -13,11 +14,12 @@ See docs/evaluation.md. The command line: ``python -m minigpt2 eval <task> MODEL
 from .bloom import BloomFilter, normalize, optimal_size, text_ngram_hashes
 from .cbt import cbt, score_candidates
 from .common import load_model
+from .hellaswag import hellaswag
 from .lambada import lambada, predict_last_word
 from .overlap import overlap_texts
 from .perplexity import perplexity
 from .prompts import answer, summarize, translate
 
 __all__ = ["BloomFilter", "normalize", "optimal_size", "text_ngram_hashes", "cbt",
-           "score_candidates", "load_model", "lambada", "predict_last_word", "overlap_texts",
-           "perplexity", "answer", "summarize", "translate"]
+           "score_candidates", "load_model", "hellaswag", "lambada", "predict_last_word",
+           "overlap_texts", "perplexity", "answer", "summarize", "translate"]

@@ -11,6 +11,9 @@ figures on stdout; ``--out`` writes the per-example results (JSONL; JSON for per
     eval summarize  MODEL_DIR articles.jsonl --out summaries.jsonl     lines {"article"}
     eval translate  MODEL_DIR pairs.jsonl --shots 5 --out out.jsonl    lines {"en", "fr"}
     eval qa         MODEL_DIR qa.jsonl --shots 5 --out out.jsonl       lines {"question", "answer"}
+    eval hellaswag  MODEL_DIR hellaswag_val.jsonl [--out RESULT.json] [--rows rows.jsonl]
+                                                   lines {"ctx", "endings", "label"}; --out
+                                                   writes {"acc", "acc_norm", "n"}
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from . import prompts
 from .cbt import cbt
+from .hellaswag import hellaswag, read_examples
 from .common import load_model
 from .jsonl import check_file, read_jsonl, write_jsonl
 from .lambada import lambada
@@ -34,6 +38,7 @@ TASKS = {
     "summarize": "TL;DR: summaries (top-k 2, 100 tokens, first 3 sentences)",
     "translate": "greedy translation conditioned on 'source = target' example pairs",
     "qa": "greedy question answering seeded with Q/A example pairs; exact match",
+    "hellaswag": "4-way completion scored by the endings' summed (acc) and mean (acc_norm) loss",
 }
 
 
@@ -44,7 +49,8 @@ def add_arguments(p):
         q.add_argument("model", metavar="MODEL_DIR", help="a train --out folder or a Hugging "
                        "Face GPT-2 folder")
         q.add_argument("data", metavar="DATA", help="a text file (perplexity) or a JSONL file")
-        q.add_argument("--out", default=None, help="write per-example results here")
+        q.add_argument("--out", default=None, help="write the result {acc, acc_norm, n} here "
+                       "(JSON)" if name == "hellaswag" else "write per-example results here")
         q.add_argument("--limit", type=int, default=None, help="use only the first N examples")
         q.add_argument("--device", default="cpu", help="cpu, gpu or auto (default cpu)")
         q.add_argument("--dtype", default="float32", help="float32 or float64")
@@ -56,6 +62,12 @@ def add_arguments(p):
             q.add_argument("--no-bos", action="store_true", help="do not put <|endoftext|> "
                            "in front (the first token is then not scored)")
             q.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+        if name == "hellaswag":
+            q.add_argument("--rows", default=None, metavar="FILE",
+                           help="write per-example losses and predictions here (JSONL)")
+            q.add_argument("--batch-size", type=int, default=8,
+                           help="examples per forward, 4 rows each (default 8)")
+            q.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "lambada":
             q.add_argument("--stop-filter", action="store_true",
                            help="skip stop words as guesses (the paper's 63.24%% setting)")
@@ -94,6 +106,8 @@ def _text_field(path, lineno, obj, field):
 
 
 def run(args) -> int:
+    if args.task == "hellaswag":
+        return _run_hellaswag(args)
     fields = {"perplexity": (), "lambada": ("text",), "cbt": ("question", "candidates", "answer"),
               "summarize": ("article",), "qa": ("question", "answer"),
               "translate": (getattr(args, "source", None), getattr(args, "target", None))
@@ -169,4 +183,20 @@ def run(args) -> int:
     if args.task == "summarize" and not args.out:
         for r in per_example:
             print(r["summary_generated"], file=sys.stdout)
+    return 0
+
+
+def _run_hellaswag(args) -> int:
+    examples = read_examples(args.data, args.limit)
+    for path in (args.out, args.rows):       # fail before the work, not after it
+        if path is not None and not Path(path).parent.is_dir():
+            raise FileNotFoundError(f"cannot write {path}: its folder does not exist")
+    model, tok = load_model(args.model, args.device, args.dtype)
+    result = hellaswag(model, tok, examples, args.batch_size, progress=not args.no_progress)
+    rows = result.pop("rows")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result) + "\n")
+    if args.rows:
+        write_jsonl(args.rows, rows)
+    print(json.dumps(dict(task="hellaswag", **result)))
     return 0
