@@ -12,6 +12,10 @@ Random streams, all saved in the checkpoint so ``--resume`` continues bit for bi
 the data batches (``data_rng``) and dropout (``model.dropout_rng``). Evaluation batches come from
 a generator seeded by (seed, step), so evaluating never shifts the training streams.
 
+Under ``mpiexec -n N`` each process trains on its rows of a global batch of N * batch_size and
+the gradients are averaged before the update (``DataParallel``, minigpt2/distributed.py); rank 0
+alone writes. One process is the same code with a communicator that does nothing.
+
 The defaults are the character-level Shakespeare run (nanoGPT's CPU recipe: 4 layers, 4 heads,
 128 channels, block 64, batch 12, lr 1e-3, warmup 100, cosine to 1e-4).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -30,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data
+from . import checkpoint, data, distributed
 from .backend import keep_freed_memory_for_reuse, resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
+from .distributed import DataParallel, on_every_process
 from .model import GPT, PRECISIONS
-from .optim import AdamW, LossScaler, clip_grad_norm, global_norm
+from .optim import AdamW, LossScaler
 
 METRICS = "metrics.jsonl"
 
@@ -77,6 +83,7 @@ class TrainConfig:
     dtype: str = "float32"
     precision: str = "float32"          # "float32" | "tf32" (GPU) | "float16" (mixed precision)
     recompute: bool = False             # recompute each block's activations in the backward
+    zero: int = 0                       # 1: shard AdamW's moments over the processes (ZeRO-1)
     seed: int = 1337
     out: str = "out"
     sample_tokens: int = 500            # printed at the end of the run (0: none)
@@ -117,11 +124,14 @@ class TrainConfig:
                              "with --dtype float32")
         if self.sample_tokens < 0:
             raise ValueError("--sample-tokens must be >= 0")
+        if self.zero not in (0, 1):
+            raise ValueError(f"--zero must be 0 (off) or 1 (shard AdamW's moments), got "
+                             f"{self.zero!r}")
 
 
 # settings a resumed run may change; the rest must stay as saved, or the run would not continue
 RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",
-                    "sample_tokens", "cache_dir", "out", "precision", "recompute")
+                    "sample_tokens", "cache_dir", "out", "precision", "recompute", "zero")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,33 +151,41 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
-def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int) -> dict:
+def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int,
+                  dp: DataParallel | None = None) -> dict:
     """Mean loss over eval_iters random batches of each split, in eval mode (no dropout).
 
     The batches come from a generator seeded by (seed, step): the same at a given step whether
-    the run was resumed or not, and no other random stream moves."""
+    the run was resumed or not, and no other random stream moves. With N processes each
+    evaluates its rows of the global batches and the means are averaged over the processes."""
+    dp = dp or DataParallel()
     rng = np.random.default_rng([cfg.seed, 2, step])
     model.eval()
     out = {}
     for split, ids in splits.items():
         losses = []
         for _ in range(cfg.eval_iters):
-            x, y = data.get_batch(ids, cfg.batch_size, cfg.block_size, rng)
+            x, y = data.get_batch(ids, cfg.batch_size * dp.size, cfg.block_size, rng,
+                                  rows=dp.rows(cfg.batch_size))
             losses.append(float(model.forward(x, y)[1]))
-        out[split] = float(np.mean(losses))
+        out[split] = dp.mean(float(np.mean(losses)))
     model.train()
     return out
 
 
 def train_step(model, opt, next_batch, cfg: TrainConfig, step: int,
-               scaler: LossScaler | None = None) -> tuple[float, float]:
+               scaler: LossScaler | None = None,
+               dp: DataParallel | None = None) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm).
 
     d(mean of the micro losses)/dθ = mean of their gradients, so the sums are scaled by
     1/grad_accum. A non-finite loss or gradient raises before any parameter changes: loss and
     norm stay on the device until then, and reading them is the step's one wait for the GPU.
     In float16 mixed precision pass the run's ``LossScaler``: a step whose gradients overflowed
-    float16 is then skipped (no update; the norm returned is not finite) and the scale lowered."""
+    float16 is then skipped (no update; the norm returned is not finite) and the scale lowered.
+    ``dp``: several processes average their gradients and losses (loss and norm are then those
+    of the global batch, equal on every process)."""
+    dp = dp or DataParallel()
     total, loss_sum = None, 0.0
     for _ in range(cfg.grad_accum):
         x, y = next_batch()
@@ -184,7 +202,10 @@ def train_step(model, opt, next_batch, cfg: TrainConfig, step: int,
     if cfg.grad_accum > 1:
         for g in total.values():
             g *= 1.0 / cfg.grad_accum
-    norm = clip_grad_norm(total, cfg.grad_clip) if cfg.grad_clip > 0 else global_norm(total)
+    # data parallel: the mean over the processes (one process: unchanged). With ZeRO-1 each
+    # process keeps only the share of the gradient its optimizer updates.
+    total, loss_sum = dp.average_gradients(total), dp.mean(loss_sum)
+    norm = dp.clip_grad_norm(total, cfg.grad_clip) if cfg.grad_clip > 0 else dp.global_norm(total)
     loss, norm = float(loss_sum) / cfg.grad_accum, float(norm)
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step + 1}")
@@ -253,18 +274,20 @@ def _read_metrics(path: Path, upto: int) -> list[str]:
 
 
 class _StopFlag:
-    """SIGINT (Ctrl-C) sets a flag that the loop reads between steps, so a step is never cut in
-    half; a second Ctrl-C interrupts at once."""
+    """SIGINT (Ctrl-C) or SIGTERM (what schedulers and ``kill`` send) sets a flag that the loop
+    reads between steps, so a step is never cut in half; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.set = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
@@ -273,8 +296,8 @@ class _StopFlag:
         self.set = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,36 +320,54 @@ class Run:
     step: int = 0               # optimizer steps done
     best_val: float = math.inf
     elapsed: float = 0.0        # seconds of earlier sessions of this run
+    dp: DataParallel = dataclasses.field(default_factory=DataParallel)   # the processes
 
     def save(self, seconds: float) -> None:
-        """The run folder's checkpoint after ``self.step`` steps (``seconds`` this session)."""
-        checkpoint.save_checkpoint(self.out, self.model, self.opt, self.tokenizer, {
+        """The run folder's checkpoint after ``self.step`` steps (``seconds`` this session).
+        Every process takes part (the optimizer state and the dropout streams are gathered);
+        rank 0 writes."""
+        opt_state = self.opt.state_dict()
+        dropout = self.dp.comm.allgather_values(checkpoint.rng_state(self.model.dropout_rng))
+        if not self.dp.is_root:
+            return
+        checkpoint.save_checkpoint(self.out, self.model, opt_state, self.tokenizer, {
             "step": self.step,
             "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
             "elapsed_s": self.elapsed + seconds,
             "config": dataclasses.asdict(self.cfg), "data": self.meta,
+            "processes": self.dp.size, "global_batch_size": self.cfg.batch_size * self.dp.size,
             "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "rng": {"data": checkpoint.rng_state(self.data_rng),
-                    "dropout": checkpoint.rng_state(self.model.dropout_rng)}})
+            "rng": {"data": checkpoint.rng_state(self.data_rng), "dropout": dropout[0],
+                    **({"dropout_by_process": dropout} if self.dp.size > 1 else {})}})
 
     def next_batch(self):
-        c = self.cfg
-        return data.get_batch(self.splits["train"], c.batch_size, c.block_size, self.data_rng)
+        """This process's rows of the next global batch (all of it for one process)."""
+        c, dp = self.cfg, self.dp
+        return data.get_batch(self.splits["train"], c.batch_size * dp.size, c.block_size,
+                              self.data_rng, rows=dp.rows(c.batch_size))
 
 
-def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) -> Run:
+def _check_out(out: Path, resume: str | None, overwrite: bool) -> None:
+    continuing_here = resume is not None and out.resolve() == Path(resume).resolve()
+    if checkpoint.has_checkpoint(out) and not continuing_here and not overwrite:
+        raise FileExistsError(f"{out} already holds a training checkpoint; continue it with "
+                              f"--resume {out}, or choose another --out (or --overwrite)")
+
+
+def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
+          dp: DataParallel | None = None) -> Run:
     """Check the settings, prepare the data, build (or load) model and optimizer.
 
-    Nothing is written to the run folder here, so a refused run leaves it as it was."""
+    Nothing is written to the run folder here, so a refused run leaves it as it was.
+    ``dp``: the processes of a data-parallel run; rank 0 checks the folder and prepares the
+    data, the others follow its verdict."""
+    dp = dp or DataParallel()
     cfg.check()
     # absolute paths, so a resumed run finds its data from any working folder
     cfg = dataclasses.replace(cfg, **{k: str(Path(v).resolve()) for k in ("data", "init_from")
                                       if (v := getattr(cfg, k)) is not None})
     out = Path(cfg.out)
-    continuing_here = resume is not None and out.resolve() == Path(resume).resolve()
-    if checkpoint.has_checkpoint(out) and not continuing_here and not overwrite:
-        raise FileExistsError(f"{out} already holds a training checkpoint; continue it with "
-                              f"--resume {out}, or choose another --out (or --overwrite)")
+    dp.on_root(_check_out, out, resume, overwrite)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
 
     # the tokenizer of the checkpoint or of the model to fine-tune; else a new one
@@ -335,7 +376,7 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
         tokenizer = data.load_tokenizer(resume, default_gpt2=False)
     else:
         tokenizer = data.load_tokenizer(cfg.init_from) if cfg.init_from else None
-    tokenizer, train_ids, val_ids, meta = _prepare_data(cfg, tokenizer)
+    tokenizer, train_ids, val_ids, meta = dp.root_first(_prepare_data, cfg, tokenizer)
 
     weights = resume if resume is not None else cfg.init_from
     if weights is not None:
@@ -346,15 +387,19 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False) 
     else:
         model = GPT(_model_config(cfg, meta["vocab_size"]), seed=cfg.seed, device=device,
                     dtype=dtype, precision=cfg.precision, recompute=cfg.recompute)
-    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                weight_decay=cfg.weight_decay)
+    dp.check_same_weights(model.params)
+    dp.seed_dropout(model, cfg.seed)
+    opt = dp.optimizer(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                       weight_decay=cfg.weight_decay)
     run = Run(cfg, out, model, opt, tokenizer, {"train": train_ids, "val": val_ids}, meta,
               data_rng=np.random.default_rng([cfg.seed, 1]),
-              scaler=LossScaler() if cfg.precision == "float16" else None)
+              scaler=LossScaler() if cfg.precision == "float16" else None, dp=dp)
     if state is not None:  # continue exactly: moments, step, and both random streams
         checkpoint.load_optimizer_state(resume, opt)
         checkpoint.set_rng_state(run.data_rng, state["rng"]["data"])
-        checkpoint.set_rng_state(model.dropout_rng, state["rng"]["dropout"])
+        dropout = state["rng"].get("dropout_by_process", [state["rng"]["dropout"]])
+        if dp.rank < len(dropout):   # (on more processes than saved, the others start afresh)
+            checkpoint.set_rng_state(model.dropout_rng, dropout[dp.rank])
         run.step, run.elapsed = state["step"], state.get("elapsed_s", 0.0)
         if run.scaler is not None and state.get("loss_scaler"):
             run.scaler.load_state_dict(state["loss_scaler"])
@@ -376,21 +421,27 @@ def _start_log(run: Run, resumed_from: str | None) -> Path:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-          progress: bool = True, log=print) -> dict:
+          progress: bool = True, log=print, comm=None) -> dict:
     """Train as ``cfg`` says, saving to cfg.out. With ``resume`` (a run folder) the saved
     settings, weights, optimizer and random states continue where they stopped.
+    ``comm``: the processes of a data-parallel run (``distributed.world()``); rank 0 alone
+    logs and writes.
 
     Returns {"status": 0 | 130, "step", "val_loss", "best_val_loss", "out"}; 130 means the run
-    was interrupted (Ctrl-C) and saved.
+    was interrupted (Ctrl-C, SIGTERM) and saved.
     """
-    run = setup(cfg, resume, overwrite)
+    dp = DataParallel(comm, resolve_device(cfg.device), cfg.zero)
+    run = setup(cfg, resume, overwrite, dp)
     cfg, model, out = run.cfg, run.model, run.out
-    metrics_path = _start_log(run, resume)
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    if not dp.is_root:   # rank 0 speaks and writes for all
+        log, progress = (lambda *args: None), False
+    metrics_path = _start_log(run, resume) if dp.is_root else os.devnull
+    tokens_per_step = cfg.batch_size * dp.size * cfg.block_size * cfg.grad_accum
     log(f"training {model!r}: {model.num_params():,} parameters, "
         f"{run.meta['train_tokens']:,} train / {run.meta['val_tokens']:,} val tokens "
         f"({run.meta['tokenizer']}, vocabulary {run.meta['vocab_size']}), {tokens_per_step:,} "
-        "tokens per step" + (f"; resuming at step {run.step}" if run.step else ""))
+        "tokens per step" + (f" on {dp!r}" if dp.size > 1 else "")
+        + (f"; resuming at step {run.step}" if run.step else ""))
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not progress, dynamic_ncols=True,
@@ -399,11 +450,12 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     last_val, status = None, 0
 
     def evaluate():
-        losses = estimate_loss(model, run.splits, cfg, run.step)
+        losses = estimate_loss(model, run.splits, cfg, run.step, dp)
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"the evaluation loss became {losses} at step {run.step}")
-        bar.write(f"step {run.step}: train loss {losses['train']:.4f}, "
-                  f"val loss {losses['val']:.4f}")
+        if dp.is_root:
+            bar.write(f"step {run.step}: train loss {losses['train']:.4f}, "
+                      f"val loss {losses['val']:.4f}")
         return losses
 
     with open(metrics_path, "a") as metrics, _StopFlag() as stop:
@@ -418,7 +470,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
             t_window, steps_window = time.perf_counter(), 0
             while run.step < cfg.max_iters:
                 loss, norm = train_step(model, run.opt, run.next_batch, cfg, run.step,
-                                        run.scaler)
+                                        run.scaler, dp)
                 run.step += 1
                 steps_window += 1
                 bar.update(1)
@@ -440,11 +492,12 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                         last_val = losses["val"]
                         if last_val < run.best_val:
                             run.best_val = last_val
-                            checkpoint.save_best(out, model, run.tokenizer)
+                            if dp.is_root:
+                                checkpoint.save_best(out, model, run.tokenizer)
                         run.save(time.perf_counter() - t_start)
                     record(entry)
                     t_window, steps_window = time.perf_counter(), 0  # evaluating is not training
-                if stop.set:
+                if dp.any(stop.set):   # a signal to one process stops all at this step
                     if not is_eval:
                         run.save(time.perf_counter() - t_start)
                     bar.close()
@@ -458,8 +511,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                 else None
             where = (f"the last good checkpoint in {out} (step {saved}) is untouched"
                      if saved is not None else "no checkpoint was written")
-            raise RuntimeError(f"{e}: training stopped; {where}. Lower --lr, keep --grad-clip "
-                               "on, or check the data") from None
+            raise on_every_process(RuntimeError(
+                f"{e}: training stopped; {where}. Lower --lr, keep --grad-clip on, or check the "
+                "data")) from None
     bar.close()
     best = None if math.isinf(run.best_val) else run.best_val
     result = {"status": status, "step": run.step, "val_loss": last_val, "best_val_loss": best,
@@ -472,7 +526,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         if run.scaler is not None:
             log(f"float16: {run.scaler.skipped} step(s) skipped for overflow, loss scale now "
                 f"{run.scaler.scale:g}")
-        if cfg.sample_tokens:
+        if cfg.sample_tokens and dp.is_root:
             log("sample:\n" + sample_text(model, run.tokenizer, cfg.sample_tokens,
                                           seed=cfg.seed))
     return result
@@ -566,6 +620,8 @@ def add_arguments(p):
     p.add_argument("--recompute", action="store_const", const=True, default=None,
                    help="keep only each block's input and recompute its activations in the "
                         "backward: less memory, about a third more compute")
+    opt("--zero", int, "1: shard AdamW's moments over the processes of an mpiexec run (ZeRO "
+        "stage 1), 0: every process holds them all", metavar="{0,1}")
     opt("--seed", int)
     opt("--out", str, "run folder: checkpoint, best/, metrics.jsonl", metavar="DIR")
     opt("--sample-tokens", int, "characters/tokens sampled at the end")
@@ -575,14 +631,15 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def config_from_args(args) -> tuple[TrainConfig, str | None]:
+def config_from_args(args, processes: int = 1) -> tuple[TrainConfig, str | None]:
     """Defaults < --config file < flags; with --resume: the saved settings < the flags that a
-    resumed run may change (any other flag is refused)."""
+    resumed run may change (any other flag is refused). A run resumed on another number of
+    ``processes`` keeps its global batch: the per-process batch is derived from it."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.resume is not None:
         state = checkpoint.load_state(args.resume)
-        saved = state["config"]
+        saved = {**state["config"], "batch_size": _batch_per_process(state, processes)}
         bad = [k for k, v in given.items() if k not in RESUME_OVERRIDES and v != saved.get(k)]
         if bad:
             raise ValueError(f"--resume continues the saved run, so --{bad[0].replace('_', '-')} "
@@ -593,10 +650,25 @@ def config_from_args(args) -> tuple[TrainConfig, str | None]:
     return TrainConfig(**{**settings, **given}), None
 
 
+def _batch_per_process(state: dict, processes: int) -> int:
+    """The per-process batch that continues a checkpoint's global batch on ``processes``."""
+    saved_n = state.get("processes", 1)
+    total = state.get("global_batch_size", state["config"]["batch_size"] * saved_n)
+    if total % processes:
+        raise ValueError(f"the checkpoint's global batch of {total} sequences ({saved_n} "
+                         f"process(es) x {total // saved_n}) does not split over {processes} "
+                         f"processes: resume on a number of processes that divides {total}")
+    return total // processes
+
+
 def run(args) -> int:
-    cfg, resume = config_from_args(args)
-    # This process is ours alone, so it may tune its allocator: the step's temporaries are
-    # then reused instead of page-faulted in again every step (docs/performance.md).
-    keep_freed_memory_for_reuse()
-    result = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+    with distributed.one_report():   # under mpiexec: an error all processes share, said once
+        comm = distributed.world()
+        dp = DataParallel(comm)
+        cfg, resume = dp.on_root(config_from_args, args, comm.size)
+        # This process is ours alone, so it may tune its allocator: the step's temporaries are
+        # then reused instead of page-faulted in again every step (docs/performance.md).
+        keep_freed_memory_for_reuse()
+        result = train(cfg, resume=resume, overwrite=args.overwrite,
+                       progress=not args.no_progress, comm=comm)
     return result["status"]
