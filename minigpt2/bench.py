@@ -19,6 +19,8 @@ BENCHMARKS = {
     "generate": ("minigpt2.bench_generate",
                  "KV-cache greedy generation vs transformers' generate on the same weights"),
     "bloom": ("minigpt2.bench_bloom", "8-gram Bloom filter: hashing, insert and query throughput"),
+    "distributed": ("minigpt2.bench_distributed",
+                    "data-parallel scaling: N processes under mpiexec against one"),
 }
 
 

@@ -143,7 +143,7 @@ class MPICommunicator(Communicator):
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)   # the processes on this machine
         self.local_rank = node.Get_rank()
         node.Free()
-        self.name = "MPI (" + MPI.Get_library_version().strip().splitlines()[0].strip() + ")"
+        self.name = "MPI (" + " ".join(MPI.Get_library_version().split("\n")[0].split()) + ")"
 
     def allreduce_sum(self, a):
         self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)

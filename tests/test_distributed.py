@@ -248,6 +248,22 @@ def test_collectives_buckets_and_zero1_shares_against_the_direct_mean():
     assert sorted(result.stdout.split("\n")[:2]) == ["ok 0", "ok 1"]
 
 
+@needs_mpi
+def test_bench_distributed_prints_the_scaling_of_two_processes_against_one():
+    """Timings are not asserted (the bench prints them); the figures must be there and sane."""
+    result = subprocess.run([sys.executable, "-m", "minigpt2", "bench", "distributed",
+                             "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                             "--vocab-size", "50", "--block-size", "16", "--batch-size", "2",
+                             "--steps", "2", "--warmup", "1", "--zero", "1", "--json"],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "scaling efficiency" in result.stdout and "ZeRO-1" in result.stdout
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["one"]["processes"] == 1 and figures["many"]["processes"] == 2
+    assert figures["efficiency"] > 0 and 0 <= figures["many"]["average_share"] <= 1
+    assert figures["many"]["transport"].startswith("MPI")
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_started_by_mpiexec_without_mpi4py_says_what_to_install(tmp_path, rank):
     """PMI_SIZE/PMI_RANK are what MPICH's mpiexec sets; an mpi4py that fails to import stands
