@@ -424,12 +424,13 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
           progress: bool = True, log=print, comm=None) -> dict:
     """Train as ``cfg`` says, saving to cfg.out. With ``resume`` (a run folder) the saved
     settings, weights, optimizer and random states continue where they stopped.
-    ``comm``: the processes of a data-parallel run (``distributed.world()``); rank 0 alone
-    logs and writes.
+    ``comm``: the processes of a data-parallel run (default ``distributed.world()``: those
+    mpiexec started, or this one alone); rank 0 alone logs and writes.
 
     Returns {"status": 0 | 130, "step", "val_loss", "best_val_loss", "out"}; 130 means the run
     was interrupted (Ctrl-C, SIGTERM) and saved.
     """
+    comm = comm if comm is not None else distributed.world()
     dp = DataParallel(comm, resolve_device(cfg.device), cfg.zero)
     run = setup(cfg, resume, overwrite, dp)
     cfg, model, out = run.cfg, run.model, run.out
