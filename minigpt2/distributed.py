@@ -132,6 +132,10 @@ class Communicator:
         """True on every process when ``flag`` is true on one."""
         return bool(flag)
 
+    def on_gpus(self) -> "Communicator":
+        """The communicator for arrays on the GPU: itself for one process."""
+        return self
+
 
 class MPICommunicator(Communicator):
     """Processes joined by MPI (mpi4py): collectives on NumPy arrays and on Python values."""
@@ -166,6 +170,12 @@ class MPICommunicator(Communicator):
     def any(self, flag) -> bool:
         return bool(self.comm.allreduce(int(bool(flag)), op=self.MPI.MAX))
 
+    def on_gpus(self) -> "NCCLCommunicator":
+        """The same processes over NCCL (made once: it picks this process's GPU)."""
+        if getattr(self, "_nccl", None) is None:
+            self._nccl = NCCLCommunicator(self.comm)
+        return self._nccl
+
 
 class NCCLCommunicator(MPICommunicator):
     """GPU processes: array collectives through NCCL on CuPy arrays, the rest over MPI.
@@ -177,7 +187,14 @@ class NCCLCommunicator(MPICommunicator):
     def __init__(self, comm):
         super().__init__(comm)
         import cupy
-        from cupy.cuda import nccl
+        try:
+            from cupy.cuda import nccl
+        except ImportError:
+            nccl = None
+        if nccl is None or not getattr(nccl, "available", True):
+            raise RuntimeError("--device gpu on several processes needs NCCL, which CuPy does "
+                               "not find: pip install nvidia-nccl-cu12 (CUDA 12) or "
+                               "nvidia-nccl-cu13 (CUDA 13)")
         self.cupy, self.nccl = cupy, nccl
         self.device_id = self.local_rank % cupy.cuda.runtime.getDeviceCount()
         cupy.cuda.Device(self.device_id).use()
@@ -187,6 +204,9 @@ class NCCLCommunicator(MPICommunicator):
                       np.dtype(np.float32): nccl.NCCL_FLOAT32,
                       np.dtype(np.float64): nccl.NCCL_FLOAT64}
         self.name = f"NCCL {nccl.get_version()} (GPU {self.device_id}), MPI for control"
+
+    def on_gpus(self) -> "NCCLCommunicator":
+        return self
 
     def _stream(self):
         return self.cupy.cuda.get_current_stream().ptr
@@ -286,8 +306,8 @@ class DataParallel:
         if zero not in (0, 1):
             raise ValueError(f"--zero must be 0 (off) or 1 (shard AdamW's moments), got {zero!r}")
         comm = comm if comm is not None else Communicator()
-        if device == "gpu" and comm.size > 1 and not isinstance(comm, NCCLCommunicator):
-            comm = NCCLCommunicator(comm.comm)
+        if device == "gpu":
+            comm = comm.on_gpus()
         self.comm, self.zero, self.bucket_bytes = comm, zero, bucket_bytes
         self.buckets = None
 
@@ -335,9 +355,9 @@ class DataParallel:
         bucket; a gradient that fills a bucket alone is reduced in place, without a copy.
         With ZeRO-1: a reduce-scatter per bucket; returns this process's share only, a dict of
         pieces (views of ``name[start:stop]``) with the keys of ``ZeroAdamW``'s moments.
-        Grads of a parameter in the backward's order are reduced after the whole backward:
-        starting them while it runs would need the backward to hand out each block's
-        gradients as it finishes them (docs/distributed.md has the measured share of the step).
+        The buckets are reduced once the backward is done: starting each while the backward
+        continues would need the backward to hand out every block's gradients as it finishes
+        them (docs/distributed.md weighs what that could gain).
         """
         if self.size == 1:
             return grads
