@@ -10,6 +10,14 @@ one process, then under ``mpiexec -n N``, each process with the same number of B
 (1.0 is perfect scaling) and the share of the N-process step spent in the gradient average:
 the all-reduce (or ZeRO-1's reduce-scatter) plus the wait for the slowest process. That share is
 the most that starting the buckets' reduction during the backward could win back.
+
+On a machine shared with other work, wall-clock tokens/s mostly measure how the scheduler
+shares the cores (N processes get N shares). The CPU time the processes spend per token does not
+depend on that, so the bench also prints
+
+    work efficiency = (CPU seconds per token, one process) / (CPU seconds per token, N processes)
+
+the cost of the distribution itself (MPI copies and polling while waiting count as CPU time).
 """
 
 from __future__ import annotations
@@ -77,17 +85,18 @@ def worker(args) -> int:
         train_step(model, opt, lambda: (x, y), tcfg, i, dp=dp)
     dp.any(False)                                   # start together
     in_average[0] = 0.0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(args.steps):
         train_step(model, opt, lambda: (x, y), tcfg, i, dp=dp)
     _sync(args.device)
     dp.any(False)                                   # the slowest one ends the measurement
     seconds = time.perf_counter() - start
+    cpu = sum(comm.allgather_values(time.process_time() - cpu_start))   # all processes
     shares = comm.allgather_values(in_average[0] / seconds)
+    tokens = args.steps * B * dp.size * cfg.block_size
     if dp.is_root:
-        print(json.dumps({"processes": dp.size, "tokens_per_s":
-                          args.steps * B * dp.size * cfg.block_size / seconds,
-                          "step_s": seconds / args.steps,
+        print(json.dumps({"processes": dp.size, "tokens_per_s": tokens / seconds,
+                          "step_s": seconds / args.steps, "cpu_s_per_token": cpu / tokens,
                           "average_share": max(shares), "transport": dp.comm.name}))
     return 0
 
@@ -126,6 +135,7 @@ def run(args) -> int:
     cfg = config_from_args(args)
     one, many = _measure(args, 1), _measure(args, args.nproc)
     efficiency = many["tokens_per_s"] / (args.nproc * one["tokens_per_s"])
+    work = one["cpu_s_per_token"] / many["cpu_s_per_token"]
     print(f"data parallel, {args.device}: n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, "
           f"vocabulary {cfg.vocab_size}, T {cfg.block_size}, batch {args.batch_size} per "
           f"process, {args.threads} BLAS thread(s) each, {args.steps} steps"
@@ -136,6 +146,9 @@ def run(args) -> int:
           f"{many['step_s'] * 1e3:8.1f} ms   ({many['transport']})")
     print(f"  scaling efficiency {efficiency:.2f} (1.00 = {args.nproc}x the tokens/s); "
           f"gradient average {100 * many['average_share']:.1f}% of the step")
+    print(f"  work efficiency {work:.2f} (CPU seconds per token, 1 process / "
+          f"{args.nproc} processes; 1.00 = no cost of distribution)")
     if args.json:
-        print(json.dumps({"one": one, "many": many, "efficiency": efficiency}))
+        print(json.dumps({"one": one, "many": many, "efficiency": efficiency,
+                          "work_efficiency": work}))
     return 0

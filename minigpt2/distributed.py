@@ -310,6 +310,7 @@ class DataParallel:
             comm = comm.on_gpus()
         self.comm, self.zero, self.bucket_bytes = comm, zero, bucket_bytes
         self.buckets = None
+        self._shard_grads = None    # ZeRO-1: the gradient pieces of this process's shares
 
     @property
     def rank(self) -> int:
@@ -366,6 +367,9 @@ class DataParallel:
         g0 = next(iter(grads.values()))
         xp, scale = array_module(g0), 1.0 / self.size
         if self.zero:
+            if self._shard_grads is None:
+                raise RuntimeError("ZeRO-1 averages into the shares of its optimizer: build it "
+                                   "with DataParallel.optimizer(params) first")
             send = xp.zeros(max(b.size for b in self.buckets), dtype=g0.dtype)
             for b in self.buckets:
                 for name, start, stop in b.spans:
