@@ -362,7 +362,7 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     ``dp``: the processes of a data-parallel run; rank 0 checks the folder and prepares the
     data, the others follow its verdict."""
     dp = dp or DataParallel()
-    cfg.check()
+    dp.on_root(cfg.check)
     # absolute paths, so a resumed run finds its data from any working folder
     cfg = dataclasses.replace(cfg, **{k: str(Path(v).resolve()) for k in ("data", "init_from")
                                       if (v := getattr(cfg, k)) is not None})
