@@ -70,12 +70,12 @@ def set_rng_state(rng, state) -> None:
         rng.bit_generator.state = state
 
 
-def _save_optimizer(opt, path: Path, step: int) -> None:
+def _save_optimizer(opt_state: dict, path: Path, step: int) -> None:
     from safetensors.numpy import save_file
     tensors = {}
-    for name in opt.params:
-        tensors[f"m.{name}"] = np.ascontiguousarray(to_numpy(opt.m[name]))
-        tensors[f"v.{name}"] = np.ascontiguousarray(to_numpy(opt.v[name]))
+    for name in opt_state["m"]:
+        tensors[f"m.{name}"] = np.ascontiguousarray(to_numpy(opt_state["m"][name]))
+        tensors[f"v.{name}"] = np.ascontiguousarray(to_numpy(opt_state["v"][name]))
     write_atomic(path, writer=lambda tmp: save_file(tensors, str(tmp),
                                                     metadata={"step": str(step)}))
 
@@ -101,8 +101,12 @@ def load_optimizer_state(directory, opt) -> None:
 
 def save_checkpoint(directory, model, opt, tokenizer, state: dict) -> None:
     """Write model, tokenizer, optimizer and ``state`` (a JSON-able dict: step, RNG states,
-    settings, ...) to ``directory``, each file moved into place only once all are written."""
+    settings, ...) to ``directory``, each file moved into place only once all are written.
+
+    ``opt``: the AdamW, or its ``state_dict()`` (data-parallel training gathers that on every
+    process first, then one process writes)."""
     directory = Path(directory)
+    opt = opt if isinstance(opt, dict) else opt.state_dict()
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".saving-*"):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
@@ -112,8 +116,8 @@ def save_checkpoint(directory, model, opt, tokenizer, state: dict) -> None:
         tokenizer.save(tmp)
         _save_optimizer(opt, tmp / OPTIMIZER, state["step"])
         state = dict(state, format=FORMAT_VERSION,
-                     optimizer={"t": opt.t, "lr": opt.lr, "betas": list(opt.betas),
-                                "eps": opt.eps, "weight_decay": opt.weight_decay},
+                     optimizer={"t": opt["t"], "lr": opt["lr"], "betas": list(opt["betas"]),
+                                "eps": opt["eps"], "weight_decay": opt["weight_decay"]},
                      sha256={name: _sha256(tmp / name)
                              for name in ("model.safetensors", OPTIMIZER)})
         write_atomic(tmp / STATE, json.dumps(state, indent=2) + "\n")

@@ -421,13 +421,18 @@ def check_length(train: np.ndarray, val: np.ndarray, block_size: int) -> None:
 # batches
 
 
-def get_batch(ids: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator):
+def get_batch(ids: np.ndarray, batch_size: int, block_size: int, rng: np.random.Generator,
+              rows: slice | None = None):
     """B random windows of a token array, as nanoGPT's get_batch.
 
     ids (N,) -> x, y int64 (B, T) on the host, with y[b, t] = ids[i_b + t + 1], the token that
     follows x[b, t]. Start positions i_b ~ U{0, ..., N - T - 1}, drawn from ``rng``.
+    ``rows``: build only these rows of the B (data-parallel processes each take their rows of
+    one global batch); all B starts are drawn all the same, so ``rng`` moves as for the whole.
     """
     starts = rng.integers(0, ids.size - block_size, size=batch_size)
+    if rows is not None:
+        starts = starts[rows]
     windows = np.stack([np.asarray(ids[i:i + block_size + 1]) for i in starts])  # (B, T+1)
     windows = windows.astype(np.int64)
     return windows[:, :-1], windows[:, 1:]

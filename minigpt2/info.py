@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import BLOCK_PARAMS, PRESETS, GPTConfig, param_shapes
+from .distributed import BUCKET_BYTES
 from .hf import read_config
 
 GiB = 1024 ** 3
@@ -66,7 +67,8 @@ def flops_per_token(cfg: GPTConfig, T: int) -> dict:
 
 
 def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32",
-                    precision: str = "float32", recompute: bool = False) -> dict:
+                    precision: str = "float32", recompute: bool = False,
+                    processes: int = 1, zero: bool = False) -> dict:
     """Bytes of a training step's buffers, and its peak (an estimate: the temporaries of one
     layer and the framework's own overhead, such as the CUDA context, are not counted).
 
@@ -76,23 +78,36 @@ def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32",
     float16 mixed precision keeps float32 weights, moments and returned gradients, adds float16
     copies of the weights for the step, and holds its activations in float16 (the float16
     gradients wait beside the float32 ones at the end).
+    Data parallel over ``processes`` (the memory of one of them): the gradient average adds a
+    flat bucket buffer; with ``zero`` (ZeRO-1) the moments are split over the processes, and
+    each keeps its share of the averaged gradient plus a buffer as large as the largest bucket
+    (the token embedding's matrix, which fills a bucket alone).
     """
     itemsize = np.dtype(dtype).itemsize
     n = cfg.num_params()
     half = precision == "float16"
     act_itemsize = 2 if half else itemsize
     kv_cache = 2 * cfg.n_layer * batch_size * cfg.block_size * cfg.n_embd * itemsize
+    largest = max(cfg.vocab_size * cfg.n_embd, 4 * cfg.n_embd ** 2) * itemsize
+    if processes <= 1:
+        buffers = 0
+    elif zero:
+        buffers = -(-n // processes) * itemsize + min(n * itemsize, max(BUCKET_BYTES, largest))
+    else:
+        buffers = min(n * itemsize, BUCKET_BYTES)
+    moments = 2 * n * itemsize
     mem = {
         "weights": n * itemsize,
         "gradients": n * itemsize,
-        "adamw_moments": 2 * n * itemsize,
+        "adamw_moments": -(-moments // processes) if zero and processes > 1 else moments,
+        "data_parallel_buffers": buffers,
         "float16_weight_copies": 2 * n if half else 0,
         "activations": activation_floats(cfg, batch_size, T, recompute) * act_itemsize,
         "kv_cache_generation": kv_cache,
     }
     always = mem["weights"] + mem["adamw_moments"] + mem["float16_weight_copies"]
     backward_start = always + mem["activations"]
-    backward_end = always + mem["gradients"] + (2 * n if half else 0)
+    backward_end = always + mem["gradients"] + (2 * n if half else 0) + buffers
     mem["training_step"] = max(backward_start, backward_end)
     return mem
 
@@ -115,6 +130,8 @@ def add_arguments(p):
                    help="float16: mixed precision (float32 weights, float16 activations)")
     p.add_argument("--recompute", action="store_true",
                    help="the memory of training with activation recomputation")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes: the memory of each, with and without ZeRO-1")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -159,15 +176,24 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 1 <= T <= cfg.block_size:
         raise ValueError(f"--seq-len must be in [1, {cfg.block_size}] (the block size), got {T}")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     parts = parameter_breakdown(cfg)
-    mem = estimate_memory(cfg, args.batch_size, T, args.dtype, args.precision, args.recompute)
+    how = (args.batch_size, T, args.dtype, args.precision, args.recompute)
+    mem = estimate_memory(cfg, *how)
+    per_process = {zero: estimate_memory(cfg, *how, processes=args.nproc, zero=zero)
+                   for zero in (False, True)} if args.nproc > 1 else None
     flops = flops_per_token(cfg, T)
     if args.json:
-        print(json.dumps({"config": cfg.to_dict(), "num_params": cfg.num_params(),
-                          "parameters": parts, "batch_size": args.batch_size, "seq_len": T,
-                          "dtype": args.dtype, "precision": args.precision,
-                          "recompute": args.recompute, "memory_bytes": mem,
-                          "flops_per_token": flops}, indent=2))
+        out = {"config": cfg.to_dict(), "num_params": cfg.num_params(),
+               "parameters": parts, "batch_size": args.batch_size, "seq_len": T,
+               "dtype": args.dtype, "precision": args.precision,
+               "recompute": args.recompute, "memory_bytes": mem, "flops_per_token": flops}
+        if per_process:
+            out["data_parallel"] = {"processes": args.nproc,
+                                    "memory_bytes_per_process": per_process[False],
+                                    "memory_bytes_per_process_zero1": per_process[True]}
+        print(json.dumps(out, indent=2))
         return 0
     if args.preset in PRESETS:
         name = args.preset if cfg == GPTConfig.preset(args.preset) else "custom config"
@@ -190,6 +216,14 @@ def run(args) -> int:
         rows.insert(3, ("float16 weights", "float16_weight_copies"))
     for label, key in rows:
         print(f"  {label:<20}{mem[key] / GiB:>10.2f} GiB")
+    if per_process:
+        print(f"data parallel: one process of {args.nproc} (batch {args.batch_size} each), "
+              "plain | ZeRO-1")
+        for label, key in (("AdamW m and v", "adamw_moments"),
+                           ("gradient buffers", "data_parallel_buffers"),
+                           ("training step peak", "training_step")):
+            plain, zero = per_process[False][key] / GiB, per_process[True][key] / GiB
+            print(f"  {label:<20}{plain:>10.2f} GiB | {zero:.2f} GiB")
     print(f"FLOPs per token at T = {T}: forward {flops['forward'] / 1e9:.3f} GFLOP, "
           f"training step {flops['train'] / 1e9:.3f} GFLOP "
           f"(nanoGPT's estimate_mfu: {flops['train_nanogpt'] / 1e9:.3f})")

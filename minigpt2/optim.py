@@ -125,15 +125,18 @@ def global_norm(grads: dict):
     return xp.sqrt(sum((g * g).sum() for g in values))
 
 
-def clip_grad_norm(grads: dict, max_norm: float):
+def clip_grad_norm(grads: dict, max_norm: float, total=None):
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
 
     Same rule as ``torch.nn.utils.clip_grad_norm_``: coef = min(1, max_norm / (norm + 1e-6)).
     Returns the norm before clipping as a 0-d array (no device-to-host copy; ``float()`` it to log).
+    ``total``: the norm when the caller knows it better than ``global_norm(grads)`` (under
+    ZeRO-1 ``grads`` is one process's share of the gradient, the norm that of the whole).
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    total = global_norm(grads)
+    if total is None:
+        total = global_norm(grads)
     coef = array_module(total).minimum(max_norm / (total + 1e-6), 1.0)
     for g in grads.values():
         g *= coef

@@ -13,6 +13,10 @@ Random streams, all saved in the checkpoint so ``--resume`` continues bit for bi
 the data batches (``data_rng``) and dropout (``model.dropout_rng``). Evaluation batches come from
 a generator seeded by (seed, step), so evaluating never shifts the training streams.
 
+Under ``mpiexec -n N`` each process trains on its rows of a global batch of N * batch_size and
+the gradients are averaged before the update (``DataParallel``, minigpt2/distributed.py); rank 0
+alone writes. One process is the same code with a communicator that does nothing.
+
 The defaults are the character-level Shakespeare run (nanoGPT's CPU recipe: 4 layers, 4 heads,
 128 channels, block 64, batch 12, lr 1e-3, warmup 100, cosine to 1e-4).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -31,12 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, shards
+from . import checkpoint, data, distributed, shards
 from .backend import resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
+from .distributed import DataParallel, on_every_process
 from .files import write_atomic
 from .model import GPT, PRECISIONS
-from .optim import AdamW, LossScaler, clip_grad_norm, global_norm
+from .optim import AdamW, LossScaler
 
 METRICS = "metrics.jsonl"
 
@@ -80,6 +86,7 @@ class TrainConfig:
     dtype: str = "float32"
     precision: str = "float32"          # "float32" | "tf32" (GPU) | "float16" (mixed precision)
     recompute: bool = False             # recompute each block's activations in the backward
+    zero: int = 0                       # 1: shard AdamW's moments over the processes (ZeRO-1)
     seed: int = 1337
     out: str = "out"
     sample_tokens: int = 500            # printed at the end of the run (0: none)
@@ -123,6 +130,9 @@ class TrainConfig:
                              "with --dtype float32")
         if self.sample_tokens < 0:
             raise ValueError("--sample-tokens must be >= 0")
+        if self.zero not in (0, 1):
+            raise ValueError(f"--zero must be 0 (off) or 1 (shard AdamW's moments), got "
+                             f"{self.zero!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,33 +152,41 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
-def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int) -> dict:
+def estimate_loss(model, splits: dict, cfg: TrainConfig, step: int,
+                  dp: DataParallel | None = None) -> dict:
     """Mean loss over eval_iters random batches of each split, in eval mode (no dropout).
 
     The batches come from a generator seeded by (seed, step): the same at a given step whether
-    the run was resumed or not, and no other random stream moves."""
+    the run was resumed or not, and no other random stream moves. With N processes each
+    evaluates its rows of the global batches and the means are averaged over the processes."""
+    dp = dp or DataParallel()
     rng = np.random.default_rng([cfg.seed, 2, step])
     model.eval()
     out = {}
     for split, ids in splits.items():
         losses = []
         for _ in range(cfg.eval_iters):
-            x, y = data.get_batch(ids, cfg.batch_size, cfg.block_size, rng)
+            x, y = data.get_batch(ids, cfg.batch_size * dp.size, cfg.block_size, rng,
+                                  rows=dp.rows(cfg.batch_size))
             losses.append(float(model.forward(x, y)[1]))
-        out[split] = float(np.mean(losses))
+        out[split] = dp.mean(float(np.mean(losses)))
     model.train()
     return out
 
 
 def train_step(model, opt, next_batch, cfg: TrainConfig, step: int,
-               scaler: LossScaler | None = None) -> tuple[float, float]:
+               scaler: LossScaler | None = None,
+               dp: DataParallel | None = None) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm).
 
     d(mean of the micro losses)/dθ = mean of their gradients, so the sums are scaled by
     1/grad_accum. A non-finite loss or gradient raises before any parameter changes: loss and
     norm stay on the device until then, and reading them is the step's one wait for the GPU.
     In float16 mixed precision pass the run's ``LossScaler``: a step whose gradients overflowed
-    float16 is then skipped (no update; the norm returned is not finite) and the scale lowered."""
+    float16 is then skipped (no update; the norm returned is not finite) and the scale lowered.
+    ``dp``: several processes average their gradients and losses (loss and norm are then those
+    of the global batch, equal on every process)."""
+    dp = dp or DataParallel()
     total, loss_sum = None, 0.0
     for _ in range(cfg.grad_accum):
         x, y = next_batch()
@@ -185,7 +203,10 @@ def train_step(model, opt, next_batch, cfg: TrainConfig, step: int,
     if cfg.grad_accum > 1:
         for g in total.values():
             g *= 1.0 / cfg.grad_accum
-    norm = clip_grad_norm(total, cfg.grad_clip) if cfg.grad_clip > 0 else global_norm(total)
+    # data parallel: the mean over the processes (one process: unchanged). With ZeRO-1 each
+    # process keeps only the share of the gradient its optimizer updates.
+    total, loss_sum = dp.average_gradients(total), dp.mean(loss_sum)
+    norm = dp.clip_grad_norm(total, cfg.grad_clip) if cfg.grad_clip > 0 else dp.global_norm(total)
     loss, norm = float(loss_sum) / cfg.grad_accum, float(norm)
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step + 1}")
@@ -256,18 +277,20 @@ def _read_metrics(path: Path, upto: int) -> list[str]:
 
 
 class _StopFlag:
-    """SIGINT (Ctrl-C) sets a flag that the loop reads between steps, so a step is never cut in
-    half; a second Ctrl-C interrupts at once."""
+    """SIGINT (Ctrl-C) or SIGTERM (what schedulers and ``kill`` send) sets a flag that the loop
+    reads between steps, so a step is never cut in half; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.set = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
@@ -276,8 +299,8 @@ class _StopFlag:
         self.set = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,38 +324,55 @@ class Run:
     step: int = 0               # optimizer steps done
     best_val: float = math.inf
     elapsed: float = 0.0        # seconds of earlier sessions of this run
+    dp: DataParallel = dataclasses.field(default_factory=DataParallel)   # the processes
 
     def save(self, seconds: float) -> None:
-        """The run folder's checkpoint after ``self.step`` steps (``seconds`` this session)."""
-        checkpoint.save_checkpoint(self.out, self.model, self.opt, self.tokenizer, {
+        """The run folder's checkpoint after ``self.step`` steps (``seconds`` this session).
+        Every process takes part (the optimizer state and the dropout streams are gathered);
+        rank 0 writes."""
+        opt_state = self.opt.state_dict()
+        dropout = self.dp.comm.allgather_values(checkpoint.rng_state(self.model.dropout_rng))
+        if not self.dp.is_root:
+            return
+        checkpoint.save_checkpoint(self.out, self.model, opt_state, self.tokenizer, {
             "step": self.step,
             "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
             "elapsed_s": self.elapsed + seconds,
             "config": dataclasses.asdict(self.cfg), "data": self.meta,
+            "processes": self.dp.size, "global_batch_size": self.cfg.batch_size * self.dp.size,
             "loss_scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "rng": {"data": checkpoint.rng_state(self.data_rng),
-                    "dropout": checkpoint.rng_state(self.model.dropout_rng)}})
+            "rng": {"data": checkpoint.rng_state(self.data_rng), "dropout": dropout[0],
+                    **({"dropout_by_process": dropout} if self.dp.size > 1 else {})}})
 
     def next_batch(self):
-        c = self.cfg
-        return data.get_batch(self.splits["train"], c.batch_size, c.block_size, self.data_rng)
+        """This process's rows of the next global batch (all of it for one process)."""
+        c, dp = self.cfg, self.dp
+        return data.get_batch(self.splits["train"], c.batch_size * dp.size, c.block_size,
+                              self.data_rng, rows=dp.rows(c.batch_size))
+
+
+def _check_out(out: Path, resume: str | None, overwrite: bool) -> None:
+    continuing_here = resume is not None and out.resolve() == Path(resume).resolve()
+    if checkpoint.has_checkpoint(out) and not continuing_here and not overwrite:
+        raise FileExistsError(f"{out} already holds a training checkpoint; continue it with "
+                              f"--resume {out}, or choose another --out (or --overwrite)")
 
 
 def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-          log=print) -> Run:
+          dp: DataParallel | None = None, log=print) -> Run:
     """Check the settings, prepare the data, build (or load) model and optimizer.
 
-    Nothing is written to the run folder here, so a refused run leaves it as it was."""
-    cfg.check()
+    Nothing is written to the run folder here, so a refused run leaves it as it was.
+    ``dp``: the processes of a data-parallel run; rank 0 checks the folder and prepares the
+    data, the others follow its verdict."""
+    dp = dp or DataParallel()
+    dp.on_root(cfg.check)
     # absolute paths, so a resumed run finds its data from any working folder
     cfg = dataclasses.replace(cfg, **{k: str(Path(v).resolve())
                                       for k in ("data", "init_from", "hellaswag")
                                       if (v := getattr(cfg, k)) is not None})
     out = Path(cfg.out)
-    continuing_here = resume is not None and out.resolve() == Path(resume).resolve()
-    if checkpoint.has_checkpoint(out) and not continuing_here and not overwrite:
-        raise FileExistsError(f"{out} already holds a training checkpoint; continue it with "
-                              f"--resume {out}, or choose another --out (or --overwrite)")
+    dp.on_root(_check_out, out, resume, overwrite)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
 
     # the tokenizer of the checkpoint or of the model to fine-tune; else a new one
@@ -341,7 +381,8 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         tokenizer = data.load_tokenizer(resume, default_gpt2=False)
     else:
         tokenizer = data.load_tokenizer(cfg.init_from) if cfg.init_from else None
-    tokenizer, train_ids, val_ids, meta = _prepare_data(cfg, tokenizer, log)
+    quiet = log if dp.is_root else (lambda *args: None)
+    tokenizer, train_ids, val_ids, meta = dp.root_first(_prepare_data, cfg, tokenizer, quiet)
     if state is not None:
         shards.check_same_data(state.get("data") or {}, meta)
     examples = None
@@ -363,15 +404,20 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     else:
         model = GPT(_model_config(cfg, meta["vocab_size"]), seed=cfg.seed, device=device,
                     dtype=dtype, precision=cfg.precision, recompute=cfg.recompute)
-    opt = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                weight_decay=cfg.weight_decay)
+    dp.check_same_weights(model.params)
+    dp.seed_dropout(model, cfg.seed)
+    opt = dp.optimizer(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                       weight_decay=cfg.weight_decay)
     run = Run(cfg, out, model, opt, tokenizer, {"train": train_ids, "val": val_ids}, meta,
               data_rng=np.random.default_rng([cfg.seed, 1]),
-              scaler=LossScaler() if cfg.precision == "float16" else None, hellaswag=examples)
+              scaler=LossScaler() if cfg.precision == "float16" else None, dp=dp,
+              hellaswag=examples)
     if state is not None:  # continue exactly: moments, step, and both random streams
         checkpoint.load_optimizer_state(resume, opt)
         checkpoint.set_rng_state(run.data_rng, state["rng"]["data"])
-        checkpoint.set_rng_state(model.dropout_rng, state["rng"]["dropout"])
+        dropout = state["rng"].get("dropout_by_process", [state["rng"]["dropout"]])
+        if dp.rank < len(dropout):   # (on more processes than saved, the others start afresh)
+            checkpoint.set_rng_state(model.dropout_rng, dropout[dp.rank])
         run.step, run.elapsed = state["step"], state.get("elapsed_s", 0.0)
         if run.scaler is not None and state.get("loss_scaler"):
             run.scaler.load_state_dict(state["loss_scaler"])
@@ -393,21 +439,28 @@ def _start_log(run: Run, resumed_from: str | None) -> Path:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-          progress: bool = True, log=print) -> dict:
+          progress: bool = True, log=print, comm=None) -> dict:
     """Train as ``cfg`` says, saving to cfg.out. With ``resume`` (a run folder) the saved
     settings, weights, optimizer and random states continue where they stopped.
+    ``comm``: the processes of a data-parallel run (default ``distributed.world()``: those
+    mpiexec started, or this one alone); rank 0 alone logs and writes.
 
     Returns {"status": 0 | 130, "step", "val_loss", "best_val_loss", "out"}; 130 means the run
-    was interrupted (Ctrl-C) and saved.
+    was interrupted (Ctrl-C, SIGTERM) and saved.
     """
-    run = setup(cfg, resume, overwrite, log)
+    comm = comm if comm is not None else distributed.world()
+    dp = DataParallel(comm, resolve_device(cfg.device), cfg.zero)
+    run = setup(cfg, resume, overwrite, dp, log)
     cfg, model, out = run.cfg, run.model, run.out
-    metrics_path = _start_log(run, resume)
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    if not dp.is_root:   # rank 0 speaks and writes for all
+        log, progress = (lambda *args: None), False
+    metrics_path = _start_log(run, resume) if dp.is_root else os.devnull
+    tokens_per_step = cfg.batch_size * dp.size * cfg.block_size * cfg.grad_accum
     log(f"training {model!r}: {model.num_params():,} parameters, "
         f"{run.meta['train_tokens']:,} train / {run.meta['val_tokens']:,} val tokens "
         f"({run.meta['tokenizer']}, vocabulary {run.meta['vocab_size']}), {tokens_per_step:,} "
-        "tokens per step" + (f"; resuming at step {run.step}" if run.step else ""))
+        "tokens per step" + (f" on {dp!r}" if dp.size > 1 else "")
+        + (f"; resuming at step {run.step}" if run.step else ""))
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not progress, dynamic_ncols=True,
@@ -416,18 +469,19 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     last_val, status = None, 0
 
     def evaluate():
-        losses = estimate_loss(model, run.splits, cfg, run.step)
+        losses = estimate_loss(model, run.splits, cfg, run.step, dp)
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"the evaluation loss became {losses} at step {run.step}")
-        line = (f"step {run.step}: train loss {losses['train']:.4f}, "
-                f"val loss {losses['val']:.4f}")
-        if run.hellaswag:
-            from .eval.hellaswag import hellaswag
-            h = hellaswag(model, run.tokenizer, run.hellaswag)
-            losses.update(hellaswag_acc=h["acc"], hellaswag_acc_norm=h["acc_norm"],
-                          hellaswag_n=h["n"])
-            line += f", HellaSwag acc_norm {h['acc_norm']:.4f} ({h['n']} examples)"
-        bar.write(line)
+        if dp.is_root:   # rank 0 alone scores HellaSwag; the others wait at the next step
+            line = (f"step {run.step}: train loss {losses['train']:.4f}, "
+                    f"val loss {losses['val']:.4f}")
+            if run.hellaswag:
+                from .eval.hellaswag import hellaswag
+                h = hellaswag(model, run.tokenizer, run.hellaswag)
+                losses.update(hellaswag_acc=h["acc"], hellaswag_acc_norm=h["acc_norm"],
+                              hellaswag_n=h["n"])
+                line += f", HellaSwag acc_norm {h['acc_norm']:.4f} ({h['n']} examples)"
+            bar.write(line)
         return losses
 
     with open(metrics_path, "a") as metrics, _StopFlag() as stop:
@@ -443,7 +497,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
             t_window, steps_window = time.perf_counter(), 0
             while run.step < cfg.max_iters:
                 loss, norm = train_step(model, run.opt, run.next_batch, cfg, run.step,
-                                        run.scaler)
+                                        run.scaler, dp)
                 run.step += 1
                 steps_window += 1
                 bar.update(1)
@@ -469,11 +523,12 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                         last_val = entry["val_loss"]
                         if last_val < run.best_val:
                             run.best_val = last_val
-                            checkpoint.save_best(out, model, run.tokenizer)
+                            if dp.is_root:
+                                checkpoint.save_best(out, model, run.tokenizer)
                         run.save(time.perf_counter() - t_start)
                     record(entry)
                     t_window, steps_window = time.perf_counter(), 0  # evaluating is not training
-                if stop.set:
+                if dp.any(stop.set):   # a signal to one process stops all at this step
                     if not is_eval:
                         run.save(time.perf_counter() - t_start)
                     bar.close()
@@ -487,8 +542,9 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                 else None
             where = (f"the last good checkpoint in {out} (step {saved}) is untouched"
                      if saved is not None else "no checkpoint was written")
-            raise RuntimeError(f"{e}: training stopped; {where}. Lower --lr, keep --grad-clip "
-                               "on, or check the data") from None
+            raise on_every_process(RuntimeError(
+                f"{e}: training stopped; {where}. Lower --lr, keep --grad-clip on, or check the "
+                "data")) from None
     bar.close()
     best = None if math.isinf(run.best_val) else run.best_val
     result = {"status": status, "step": run.step, "val_loss": last_val, "best_val_loss": best,
@@ -504,7 +560,7 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         if run.scaler is not None:
             log(f"float16: {run.scaler.skipped} step(s) skipped for overflow, loss scale now "
                 f"{run.scaler.scale:g}")
-        if cfg.sample_tokens:
+        if cfg.sample_tokens and dp.is_root:
             log("sample:\n" + sample_text(model, run.tokenizer, cfg.sample_tokens,
                                           seed=cfg.seed))
     return result

@@ -10,13 +10,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, distributed
+from .distributed import DataParallel
 from .train import TrainConfig, train
 
 # settings a resumed run may change; the rest must stay as saved, or the run would not continue
 RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",
-                    "sample_tokens", "cache_dir", "out", "precision", "recompute", "hellaswag",
-                    "hellaswag_examples")
+                    "sample_tokens", "cache_dir", "out", "precision", "recompute", "zero",
+                    "hellaswag", "hellaswag_examples")
 
 
 _MALLOC_TUNED = False
@@ -120,6 +121,8 @@ def add_arguments(p):
     p.add_argument("--recompute", action="store_const", const=True, default=None,
                    help="keep only each block's input and recompute its activations in the "
                         "backward: less memory, about a third more compute")
+    opt("--zero", int, "1: shard AdamW's moments over the processes of an mpiexec run (ZeRO "
+        "stage 1), 0: every process holds them all", metavar="{0,1}")
     opt("--seed", int)
     opt("--out", str, "run folder: checkpoint, best/, metrics.jsonl", metavar="DIR")
     opt("--sample-tokens", int, "characters/tokens sampled at the end")
@@ -132,14 +135,15 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def config_from_args(args) -> tuple[TrainConfig, str | None]:
+def config_from_args(args, processes: int = 1) -> tuple[TrainConfig, str | None]:
     """Defaults < --config file < flags; with --resume: the saved settings < the flags that a
-    resumed run may change (any other flag is refused)."""
+    resumed run may change (any other flag is refused). A run resumed on another number of
+    ``processes`` keeps its global batch: the per-process batch is derived from it."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.resume is not None:
         state = checkpoint.load_state(args.resume)
-        saved = state["config"]
+        saved = {**state["config"], "batch_size": _batch_per_process(state, processes)}
         bad = [k for k, v in given.items() if k not in RESUME_OVERRIDES and v != saved.get(k)]
         if bad:
             raise ValueError(f"--resume continues the saved run, so --{bad[0].replace('_', '-')} "
@@ -150,10 +154,25 @@ def config_from_args(args) -> tuple[TrainConfig, str | None]:
     return TrainConfig(**{**settings, **given}), None
 
 
+def _batch_per_process(state: dict, processes: int) -> int:
+    """The per-process batch that continues a checkpoint's global batch on ``processes``."""
+    saved_n = state.get("processes", 1)
+    total = state.get("global_batch_size", state["config"]["batch_size"] * saved_n)
+    if total % processes:
+        raise ValueError(f"the checkpoint's global batch of {total} sequences ({saved_n} "
+                         f"process(es) x {total // saved_n}) does not split over {processes} "
+                         f"processes: resume on a number of processes that divides {total}")
+    return total // processes
+
+
 def run(args) -> int:
-    cfg, resume = config_from_args(args)
-    # This process is ours alone, so it may tune its allocator: the step's temporaries are
-    # then reused instead of page-faulted in again every step (docs/performance.md).
-    keep_freed_memory_for_reuse()
-    result = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+    with distributed.one_report():   # under mpiexec: an error all processes share, said once
+        comm = distributed.world()
+        dp = DataParallel(comm)
+        cfg, resume = dp.on_root(config_from_args, args, comm.size)
+        # This process is ours alone, so it may tune its allocator: the step's temporaries are
+        # then reused instead of page-faulted in again every step (docs/performance.md).
+        keep_freed_memory_for_reuse()
+        result = train(cfg, resume=resume, overwrite=args.overwrite,
+                       progress=not args.no_progress, comm=comm)
     return result["status"]

@@ -106,3 +106,20 @@ def test_flops_and_memory_arithmetic():
     assert f["train"] == 3 * f["forward"]
     mem = estimate_memory(cfg, 1, 1024)
     assert mem["adamw_moments"] == 2 * mem["weights"] == 8 * cfg.num_params()
+
+
+def test_info_estimates_each_data_parallel_process_with_and_without_zero1():
+    result = run_cli("info", "gpt2-xl", "--json", "--nproc", "4")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    n, dp = info["num_params"], info["data_parallel"]
+    plain, zero = dp["memory_bytes_per_process"], dp["memory_bytes_per_process_zero1"]
+    assert dp["processes"] == 4
+    assert plain["adamw_moments"] == 8 * n == info["memory_bytes"]["adamw_moments"]
+    assert zero["adamw_moments"] == 2 * n          # 8 bytes per weight, a quarter each
+    assert zero["data_parallel_buffers"] > plain["data_parallel_buffers"] > 0
+    assert zero["training_step"] < plain["training_step"]
+    assert "data_parallel" not in json.loads(run_cli("info", "gpt2", "--json").stdout)
+    text = run_cli("info", "gpt2", "--nproc", "8").stdout
+    assert "one process of 8" in text and "ZeRO-1" in text
+    assert run_cli("info", "gpt2", "--nproc", "0").returncode == 2

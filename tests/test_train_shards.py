@@ -147,7 +147,7 @@ def test_recipe_config_is_the_124m_run():
     """configs/gpt2-124m.toml loads through --config's reader and passes the checks:
     GPT-2 124M, 524,288 tokens per step, 18,865 steps."""
     from minigpt2.config import GPTConfig
-    from minigpt2.train import _load_config_file
+    from minigpt2.train_cli import _load_config_file
     path = Path(__file__).parent.parent / "configs" / "gpt2-124m.toml"
     cfg = TrainConfig(**_load_config_file(path))
     cfg.check()

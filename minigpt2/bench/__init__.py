@@ -23,6 +23,8 @@ BENCHMARKS = {
     "bloom": ("minigpt2.bench.bloom", "8-gram Bloom filter: hashing, insert and query throughput"),
     "prepare": ("minigpt2.bench.prepare",
                 "prepare a generated corpus: MB/s vs tiktoken, peak memory, ids equal"),
+    "distributed": ("minigpt2.bench.distributed",
+                    "data-parallel scaling: N processes under mpiexec against one"),
 }
 
 

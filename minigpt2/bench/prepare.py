@@ -64,7 +64,7 @@ def add_arguments(p):
 
 def _vocabulary(rng: np.random.Generator) -> np.ndarray:
     import regex
-    from .data import python_sources
+    from .tokenizer import python_sources
     text = python_sources(3_000_000)
     try:
         from .data import shakespeare_text
@@ -229,7 +229,7 @@ def _tiktoken():
     except ImportError:
         raise RuntimeError("bench prepare compares with tiktoken, a test-only dependency: "
                            "pip install -r requirements-dev.txt") from None
-    from .tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, gpt2_files
+    from ..tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, gpt2_files
     encoder, bpe = gpt2_files()
     ranks = data_gym_to_mergeable_bpe_ranks(str(bpe), str(encoder))
     return tiktoken.Encoding("gpt2-local", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
@@ -239,7 +239,7 @@ def _tiktoken():
 def tiktoken_pass(corpus: Path, prepared: Path) -> dict:
     """tiktoken's encode_ordinary_batch over the corpus (timed), each document's ids compared
     with the prepared shards."""
-    from .shards import TokenStream, read_manifest
+    from ..shards import TokenStream, read_manifest
     enc = _tiktoken()
     manifest = read_manifest(prepared)
     stream = TokenStream([prepared / s["file"] for s in manifest["shards"]])
