@@ -18,6 +18,8 @@ BENCHMARKS = {
               "a training step (forward, backward, AdamW) vs transformers + torch.optim.AdamW"),
     "generate": ("minigpt2.bench_generate",
                  "KV-cache greedy generation vs transformers' generate on the same weights"),
+    "attention": ("minigpt2.bench_attention",
+                  "long-context memory on the CPU: stored (B, H, T, T) attention vs tiled"),
     "bloom": ("minigpt2.bench_bloom", "8-gram Bloom filter: hashing, insert and query throughput"),
 }
 

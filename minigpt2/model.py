@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from . import layers
+from . import fast_attention, layers
 from .backend import array_module, get_xp, resolve_device, resolve_dtype, set_tf32, upload
 from .config import LAYER_NORM_EPS, GPTConfig
 
@@ -96,7 +96,7 @@ def block_forward(x, p, n_head, dropout_p=0.0, rng=None):
     # x = x + attn(ln_1(x))
     a, ln_1 = layers.layernorm_forward_fast(x, p["ln_1.weight"], p["ln_1.bias"], LAYER_NORM_EPS)
     qkv, c_attn = layers.linear_forward(a, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # (B, T, 3C)
-    y, attn = layers.attention_forward_fast(qkv, n_head, dropout_p, rng)                     # (B, T, C)
+    y, attn = fast_attention.attention_forward(qkv, n_head, dropout_p, rng)                   # (B, T, C)
     y, attn_proj = layers.linear_forward(y, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     y, drop_1 = layers.dropout_forward(y, dropout_p, rng)
     x = x + y
@@ -127,7 +127,7 @@ def block_backward(dx, cache):
     # x = x + attn(ln_1(x))
     dy = layers.dropout_backward(dx, drop_1)
     dy, g["attn.c_proj.weight"], g["attn.c_proj.bias"] = layers.linear_backward(dy, attn_proj)
-    dqkv = layers.attention_backward_fast(dy, attn)
+    dqkv = fast_attention.attention_backward(dy, attn)
     da, g["attn.c_attn.weight"], g["attn.c_attn.bias"] = layers.linear_backward(dqkv, c_attn)
     da, g["ln_1.weight"], g["ln_1.bias"] = layers.layernorm_backward_fast(da, ln_1)
     return dx + da, g

@@ -67,3 +67,16 @@ def test_bench_train_on_gpu_without_one_is_a_clear_error():
         pytest.skip("a GPU is present here")
     result = run_cli("bench", "train", "--device", "gpu", *TINY)
     assert result.returncode == 2 and "device='gpu' was requested" in result.stderr
+
+
+def test_bench_attention_prints_peak_memory_of_both_forms():
+    out = bench_output("bench", "attention", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                       "--vocab-size", "20", "--block-size", "64", "--json")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith(("stored ", "tiled "))}
+    assert set(rows) == {"stored", "tiled"}
+    import json
+    results = json.loads(out.strip().splitlines()[-1])
+    assert [r["form"] for r in results] == ["stored", "tiled"]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    assert all(r["peak_mib"] >= r["model_mib"] > 0 for r in results)
