@@ -25,12 +25,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import layers
+from . import flash_kernels, layers
 from .backend import array_module
 from .layers import _qkv_heads, _split_heads, causal_mask_bias
 
-# the tiled form runs from this sequence length on (see docs/performance.md for the measurement)
+# the tiled form runs on the CPU from this sequence length on (docs/performance.md measures it)
 TILED_MIN_T = 1024
+# on the GPU the flash kernels (``flash_kernels``) run at every T, for the head sizes they are
+# compiled for; False runs the stored-matrix form there instead (the GPU bench's --attention)
+GPU_FLASH = True
 
 # the bytes of one tile of scores, (B, H, rows, T): the query-block height is chosen so that a
 # tile is about this big (at least ``MIN_ROWS`` rows), and the forward and backward hold two or
@@ -118,11 +121,17 @@ def attention_backward_tiled(dy, cache):
 
 
 def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
-    """The attention the model runs: the tiled form on the CPU for T >= ``TILED_MIN_T`` without
-    dropout (float16 computed in float32 and rounded back), else
-    ``layers.attention_forward_fast``. qkv (B, T, 3C) -> y (B, T, C), cache."""
+    """The attention the model runs, without attention dropout: on the GPU the flash kernels
+    (``GPU_FLASH``, head sizes ``flash_kernels.HEAD_SIZES``), on the CPU the tiled form for
+    T >= ``TILED_MIN_T`` (float16 computed in float32 and rounded back); otherwise, and with
+    dropout, ``layers.attention_forward_fast``. qkv (B, T, 3C) -> y (B, T, C), cache."""
     dropout = dropout_p > 0.0 and rng is not None
-    if array_module(qkv) is not np or qkv.shape[1] < TILED_MIN_T or dropout:
+    if array_module(qkv) is not np:
+        hs = qkv.shape[-1] // (3 * n_head)
+        if GPU_FLASH and not dropout and flash_kernels.supports(qkv.dtype, hs):
+            return flash_kernels.attention_forward(qkv, n_head)
+        return layers.attention_forward_fast(qkv, n_head, dropout_p, rng)
+    if qkv.shape[1] < TILED_MIN_T or dropout:
         return layers.attention_forward_fast(qkv, n_head, dropout_p, rng)
     if qkv.dtype == np.float16:
         y, cache = attention_forward_tiled(qkv.astype(np.float32), n_head)
@@ -132,6 +141,8 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
 
 def attention_backward(dy, cache):
     """The backward matching ``attention_forward``'s choice. dy (B, T, C) -> dqkv (B, T, 3C)."""
+    if isinstance(cache, flash_kernels.FlashCache):
+        return flash_kernels.attention_backward(dy, cache)
     if not isinstance(cache, TiledCache):
         return layers.attention_backward_fast(dy, cache)
     if dy.dtype == np.float16:
