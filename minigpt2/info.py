@@ -54,14 +54,17 @@ def flops_per_token(cfg: GPTConfig, T: int) -> dict:
     Forward: 2 FLOPs per weight of every matmul (c_attn, c_proj, c_fc, mlp c_proj: 12*C^2 per
     block, and the LM head V*C), plus attention's q @ k^T and att @ v, 2 * 2 * T * C per layer
     (minigpt2 computes the full T x T square and masks it). ``train_nanogpt`` is nanoGPT's
-    ``estimate_mfu`` count for comparison: it also counts the biases and LayerNorm parameters.
+    ``estimate_mfu`` count for comparison: it also counts the biases and LayerNorm parameters;
+    ``train_llmc`` is llm.c's (``gpt2_estimate_mfu``): 6 N + 6 L C T with N every parameter.
     """
     C, L = cfg.n_embd, cfg.n_layer
     matmul_weights = L * 12 * C * C + cfg.vocab_size * C
     forward = 2 * matmul_weights + 4 * L * T * C
     # nanoGPT's estimate_mfu: 6 N + 12 L C T, N the parameters without the position embedding
     nanogpt = 6 * (cfg.num_params() - cfg.block_size * C) + 12 * L * C * T
-    return {"forward": forward, "train": 3 * forward, "train_nanogpt": nanogpt}
+    # llm.c's gpt2_estimate_mfu: 6 N + 6 L C T, N all the parameters (wpe included)
+    llmc = 6 * cfg.num_params() + 6 * L * C * T
+    return {"forward": forward, "train": 3 * forward, "train_nanogpt": nanogpt, "train_llmc": llmc}
 
 
 def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32",
