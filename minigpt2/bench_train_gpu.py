@@ -48,6 +48,8 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
+
 from .info import estimate_memory, flops_per_token
 
 GiB = 1024 ** 3
@@ -370,7 +372,11 @@ def print_rows(args, cfg, precision, B, rows):
     losses = ", ".join(f"{v:.3f}" for v in ours["losses"])
     skipped = f"; skipped steps {ours['skipped_steps']}" if "skipped_steps" in ours else ""
     print(f"  minigpt2 losses on the fixed batch, step by step: {losses}{skipped}")
-    est = estimate_memory(cfg, B, T, precision=precision, recompute=args.recompute)
+    from .flash_kernels import supports
+    flash = args.attention == "flash" and supports(np.float16 if precision == "float16"
+                                                   else np.float32, cfg.n_embd // cfg.n_head)
+    est = estimate_memory(cfg, B, T, precision=precision, recompute=args.recompute,
+                          tiled_attention=flash)
     used = ours["peak_bytes"]
     print(f"  info's estimate {est['training_step'] / GiB:.2f} GiB + CUDA context "
           f"{ours['baseline_bytes'] / GiB:.2f} GiB = "

@@ -103,7 +103,7 @@ def test_gpu_bench_table_and_best_batch_logic_without_a_gpu(monkeypatch, capsys)
                    if framework == "minigpt2" else {})}
 
     monkeypatch.setattr(g, "_child", child)
-    args = g.argparse.Namespace(batch_size=8, recompute=False)
+    args = g.argparse.Namespace(batch_size=8, recompute=False, attention="flash")
     B, row = g.best_batch(args, cfg, "float16")
     assert B == 16 and row["times"] == [0.015] * 3
     rows = [child(g._with_batch(args, 16), cfg, "float16", fw) for fw in ("minigpt2", "sdpa")]
