@@ -8,8 +8,10 @@ outputs and gradients (tested equal in tests/test_fast_layers.py); only the cach
   stay in the CPU cache across the several in-place passes made over it, instead of streaming the
   whole array from memory once per pass.
 - GELU computes tanh once and keeps gelu'(x), so its backward is one multiply.
-- Attention puts the scale into q, adds the causal mask in place and runs the softmax and its
-  backward in place in the (B, H, T, T) scores' buffer; dq, dk, dv are written straight into dqkv.
+- Attention (``fast_attention.py``) puts the scale into q, adds the causal mask in place and runs
+  the softmax and its backward in place in the (B, H, T, T) scores' buffer; from
+  ``fast_attention.TILED_MIN_T`` tokens on (without attention dropout) it runs tiled instead,
+  never holding a (T, T) matrix.
 
 ``FLOAT16`` is the same set for float16 activations (mixed precision): NumPy has no fast float16
 arithmetic, so LayerNorm, GELU, attention and the loss compute in float32 and round their results
@@ -26,7 +28,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import layers
+from . import fast_attention, layers
 from .backend import array_module, block_slices
 from .layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
                      dropout_backward, dropout_forward, embedding_backward, embedding_forward,
@@ -135,67 +137,11 @@ def gelu_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# causal multi-head self-attention
+# causal multi-head self-attention: fast_attention.py (the stored form in place below
+# TILED_MIN_T, the tiled FlashAttention form from there on)
 
-_MASK_BIAS = {}
-
-
-def causal_mask_bias(xp, T, dtype):
-    """(T, T) array, 0 where query i may see key j (j <= i) and -inf above the diagonal: the
-    additive form of ``layers.causal_mask``. Cached, since every layer and step uses the same."""
-    key = (xp.__name__, T, np.dtype(dtype).str)
-    if key not in _MASK_BIAS:
-        _MASK_BIAS[key] = xp.triu(xp.full((T, T), -np.inf, dtype=dtype), k=1)
-    return _MASK_BIAS[key]
-
-
-def qkv_heads(qkv, n_head):
-    """qkv (B, T, 3C) -> q, k, v, each a (B, H, T, hs) view (no copy)."""
-    B, T, C3 = qkv.shape
-    qkv5 = qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head))
-    return tuple(qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-
-
-def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
-    """``layers.attention_forward`` with fewer passes over the (B, H, T, T) scores: the scale goes
-    into q (T*hs numbers instead of T*T), the mask is added in place, and the softmax runs in
-    place in the scores' buffer. Same output and the same cache."""
-    xp = array_module(qkv)
-    q, k, v = qkv_heads(qkv, n_head)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    att = (q * scale) @ k.transpose(0, 1, 3, 2)                           # (B, H, T, T)
-    att += causal_mask_bias(xp, att.shape[-1], att.dtype)
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    att_d, mask = dropout_forward(att, dropout_p, rng)
-    y = _merge_heads(att_d @ v)                                           # (B, T, C)
-    return y, (q, k, v, att, mask, scale)
-
-
-def attention_backward(dy, cache):
-    """``layers.attention_backward``: the softmax backward runs in place in d att's buffer, and
-    dq, dk, dv are written straight into their slices of dqkv instead of being merged and
-    concatenated. Same gradient."""
-    q, k, v, att, mask, scale = cache
-    xp = array_module(dy)
-    B, H, T, hs = q.shape
-    dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
-    dqkv = xp.empty((B, T, 3, H, hs), dtype=dy.dtype)
-    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
-    att_d = att if mask is None else att * mask
-    dv[...] = att_d.transpose(0, 1, 3, 2) @ dyh
-    ds = dyh @ v.transpose(0, 1, 3, 2)                                    # d att_d (B, H, T, T)
-    if mask is not None:
-        ds *= mask
-    row = xp.einsum("bhij,bhij->bhi", ds, att)[..., None]               # sum_j datt * att
-    ds -= row
-    ds *= att                                                             # ds = att * (datt - row)
-    dq[...] = ds @ k
-    dq *= scale
-    dk[...] = ds.transpose(0, 1, 3, 2) @ q
-    dk *= scale
-    return dqkv.reshape(B, T, 3 * H * hs)
+attention_forward = fast_attention.attention_forward
+attention_backward = fast_attention.attention_backward
 
 
 # ----------------------------------------------------------------------------------------------

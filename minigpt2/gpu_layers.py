@@ -7,9 +7,14 @@ outputs and gradients (tested equal in tests/test_gpu_kernels.py); only the cach
 The kernels read float16, float32 and float64 arrays; float16 ones (mixed precision) are computed
 in float32 registers and rounded back once.
 
-``FLOAT16`` is the set for float16 activations: the same, with attention's four batched matrix
-products sent to cuBLAS directly (``kernels.batched_matmul``), which reads the strided heads of
-qkv as they are; CuPy's own matmul would copy them and compute float16 stacks in float32.
+Attention runs the FlashAttention kernels of ``flash_kernels.py`` (tiled, linear memory in T, the
+probabilities recomputed in the backward from one log-sum-exp per row) for the head sizes they are
+compiled for and without attention dropout; otherwise, or with ``GPU_FLASH = False`` (the GPU
+bench's ``--attention stored``), the stored (B, H, T, T) form with its softmax in one kernel.
+
+``FLOAT16`` is the set for float16 activations: the same, with the stored attention's four batched
+matrix products sent to cuBLAS directly (``kernels.batched_matmul``), which reads the strided heads
+of qkv as they are; CuPy's own matmul would copy them and compute float16 stacks in float32.
 
 ``set_tf32`` switches the GPU's float32 matrix multiplies to TF32 tensor cores (the "tf32" and
 "float16" precisions of the model).
@@ -25,11 +30,15 @@ from types import SimpleNamespace
 import cupy as cp
 import numpy as np
 
-from . import kernels
-from .fast_layers import gelu_backward, qkv_heads
+from . import flash_kernels, kernels
+from .fast_attention import qkv_heads
+from .fast_layers import gelu_backward
 from .layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
                      dropout_backward, dropout_forward, embedding_backward, embedding_forward,
                      linear_backward, linear_forward, softmax)
+
+# the flash kernels run the attention where they apply; False: always the stored form
+GPU_FLASH = True
 
 # LayerNorm: one warp per row (kernels.layernorm_forward / layernorm_backward)
 layernorm_forward = kernels.layernorm_forward
@@ -56,7 +65,7 @@ def cross_entropy_backward(dloss, cache):
 # causal multi-head self-attention
 
 
-def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
+def attention_forward_stored(qkv, n_head, dropout_p=0.0, rng=None):
     """``layers.attention_forward`` with the scale, the causal mask and the softmax in one kernel
     (``kernels.causal_softmax_forward``, which skips the masked half). Same output and cache."""
     q, k, v = qkv_heads(qkv, n_head)
@@ -67,7 +76,7 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     return y, (q, k, v, att, mask, scale)
 
 
-def attention_backward(dy, cache):
+def attention_backward_stored(dy, cache):
     """``layers.attention_backward`` with the softmax backward in one kernel
     (``kernels.causal_softmax_backward``), dq, dk, dv written into their slices of dqkv."""
     q, k, v, att, mask, scale = cache
@@ -91,8 +100,8 @@ def attention_backward(dy, cache):
     return dqkv.reshape(B, T, 3 * H * hs)
 
 
-def _attention_forward_float16(qkv, n_head, dropout_p=0.0, rng=None):
-    """``attention_forward`` for float16 qkv: the two products go straight to cuBLAS
+def _attention_forward_stored_float16(qkv, n_head, dropout_p=0.0, rng=None):
+    """``attention_forward_stored`` for float16 qkv: the two products go straight to cuBLAS
     (``kernels.batched_matmul``) on the strided heads, and att @ v is written into the merged
     (B, T, C) layout directly."""
     q, k, v = qkv_heads(qkv, n_head)
@@ -106,8 +115,8 @@ def _attention_forward_float16(qkv, n_head, dropout_p=0.0, rng=None):
     return y.reshape(B, T, H * hs), (q, k, v, att, mask, scale)
 
 
-def _attention_backward_float16(dy, cache):
-    """``attention_backward`` for float16, its products through cuBLAS as in the forward,
+def _attention_backward_stored_float16(dy, cache):
+    """``attention_backward_stored`` for float16, its products through cuBLAS as in the forward,
     dq, dk, dv written into their slices of dqkv."""
     q, k, v, att, mask, scale = cache
     B, H, T, hs = q.shape
@@ -125,6 +134,39 @@ def _attention_backward_float16(dy, cache):
     kernels.batched_matmul(ds.transpose(0, 1, 3, 2), q, dk)
     dk *= scale
     return dqkv.reshape(B, T, 3 * H * hs)
+
+
+def _flash(qkv, n_head, dropout_p, rng) -> bool:
+    """Whether the flash kernels compute this attention (see the module's docstring)."""
+    dropout = dropout_p > 0.0 and rng is not None
+    return GPU_FLASH and not dropout and flash_kernels.supports(qkv.dtype,
+                                                                qkv.shape[-1] // (3 * n_head))
+
+
+def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
+    """Causal attention: the flash kernels where they apply, else the stored form."""
+    if _flash(qkv, n_head, dropout_p, rng):
+        return flash_kernels.attention_forward(qkv, n_head)
+    return attention_forward_stored(qkv, n_head, dropout_p, rng)
+
+
+def attention_backward(dy, cache):
+    """The backward matching ``attention_forward``'s choice."""
+    if isinstance(cache, flash_kernels.FlashCache):
+        return flash_kernels.attention_backward(dy, cache)
+    return attention_backward_stored(dy, cache)
+
+
+def _attention_forward_float16(qkv, n_head, dropout_p=0.0, rng=None):
+    if _flash(qkv, n_head, dropout_p, rng):
+        return flash_kernels.attention_forward(qkv, n_head)
+    return _attention_forward_stored_float16(qkv, n_head, dropout_p, rng)
+
+
+def _attention_backward_float16(dy, cache):
+    if isinstance(cache, flash_kernels.FlashCache):
+        return flash_kernels.attention_backward(dy, cache)
+    return _attention_backward_stored_float16(dy, cache)
 
 
 FLOAT16 = SimpleNamespace(

@@ -31,20 +31,29 @@ def parameter_breakdown(cfg: GPTConfig) -> dict:
             "blocks": parts["blocks"], "ln_f": parts["ln_f"]}
 
 
-def activation_floats(cfg: GPTConfig, batch_size: int, T: int, recompute: bool = False) -> int:
+def activation_floats(cfg: GPTConfig, batch_size: int, T: int, recompute: bool = False,
+                      tiled_attention: bool | None = None) -> int:
     """Number of floats minigpt2's forward keeps for the backward at batch B, length T.
 
     Per block and token: the block input, ln_1 output, qkv (3C), merged heads, the residual after
     attention, ln_2 output (C each, 8C in all), GELU's output and its derivative (4C + 4C; the
     fast GELU keeps gelu'(x) instead of x), LayerNorm mean and rstd (4), and one row of
-    attention probabilities per head (H*T).
+    attention probabilities per head (H*T), or with tiled attention one log-sum-exp per head
+    (H; its output is the merged heads already counted). ``tiled_attention`` None: as the CPU
+    decides, tiled from ``fast_attention.TILED_MIN_T`` on when dropout is off (the GPU's flash
+    kernels are tiled at every T: pass True).
     Then ln_f's input and output (2C + 2), and the logits plus their softmax (2V).
     Dropout, when on, adds its masks: H*T + 2C per block and C for the embedding.
     With ``recompute`` each block keeps only its input (C), and one block at a time holds the
     rest while its backward runs.
     """
+    from .fast_attention import TILED_MIN_T
     C, H, V, L = cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
-    block = 16 * C + 4 + H * T + ((H * T + 2 * C) if cfg.dropout > 0 else 0)
+    if tiled_attention is None:
+        tiled_attention = T >= TILED_MIN_T
+    tiled_attention = tiled_attention and cfg.dropout == 0
+    block = 16 * C + 4 + (H if tiled_attention else H * T) \
+        + ((H * T + 2 * C) if cfg.dropout > 0 else 0)
     kept = L * C + block if recompute else L * block
     per_token = kept + 2 * C + 2 + 2 * V + (C if cfg.dropout > 0 else 0)
     return batch_size * T * per_token
@@ -56,19 +65,23 @@ def flops_per_token(cfg: GPTConfig, T: int) -> dict:
     Forward: 2 FLOPs per weight of every matmul (c_attn, c_proj, c_fc, mlp c_proj: 12*C^2 per
     block, and the LM head V*C), plus attention's q @ k^T and att @ v, 2 * 2 * T * C per layer
     (minigpt2 computes the full T x T square and masks it). ``train_nanogpt`` is nanoGPT's
-    ``estimate_mfu`` count for comparison: it also counts the biases and LayerNorm parameters.
+    ``estimate_mfu`` count for comparison: it also counts the biases and LayerNorm parameters;
+    ``train_llmc`` is llm.c's (``gpt2_estimate_mfu``): 6 N + 6 L C T with N every parameter.
     """
     C, L = cfg.n_embd, cfg.n_layer
     matmul_weights = L * 12 * C * C + cfg.vocab_size * C
     forward = 2 * matmul_weights + 4 * L * T * C
     # nanoGPT's estimate_mfu: 6 N + 12 L C T, N the parameters without the position embedding
     nanogpt = 6 * (cfg.num_params() - cfg.block_size * C) + 12 * L * C * T
-    return {"forward": forward, "train": 3 * forward, "train_nanogpt": nanogpt}
+    # llm.c's gpt2_estimate_mfu: 6 N + 6 L C T, N all the parameters (wpe included)
+    llmc = 6 * cfg.num_params() + 6 * L * C * T
+    return {"forward": forward, "train": 3 * forward, "train_nanogpt": nanogpt, "train_llmc": llmc}
 
 
 def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32",
                     precision: str = "float32", recompute: bool = False,
-                    processes: int = 1, zero: bool = False) -> dict:
+                    processes: int = 1, zero: bool = False,
+                    tiled_attention: bool | None = None) -> dict:
     """Bytes of a training step's buffers, and its peak (an estimate: the temporaries of one
     layer and the framework's own overhead, such as the CUDA context, are not counted).
 
@@ -102,7 +115,8 @@ def estimate_memory(cfg: GPTConfig, batch_size: int, T: int, dtype="float32",
         "adamw_moments": -(-moments // processes) if zero and processes > 1 else moments,
         "data_parallel_buffers": buffers,
         "float16_weight_copies": 2 * n if half else 0,
-        "activations": activation_floats(cfg, batch_size, T, recompute) * act_itemsize,
+        "activations": activation_floats(cfg, batch_size, T, recompute,
+                                         tiled_attention) * act_itemsize,
         "kv_cache_generation": kv_cache,
     }
     always = mem["weights"] + mem["adamw_moments"] + mem["float16_weight_copies"]

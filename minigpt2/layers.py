@@ -243,6 +243,97 @@ def attention_backward(dy, cache):
     return xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# tiled causal attention (FlashAttention): the same function, never holding a (T, T) matrix
+
+
+def flash_attention_forward(qkv, n_head, block_q=64, block_k=64):
+    """``attention_forward`` (without dropout) computed tile by tile, never forming the (T, T)
+    scores: for each block of ``block_q`` queries, the blocks of ``block_k`` keys are visited in
+    turn with an *online softmax*. Per query row it keeps
+
+        m    the largest score seen so far                                   (B, H, bq, 1)
+        l    sum of exp(s_j - m) over the keys seen so far                   (B, H, bq, 1)
+        acc  sum of exp(s_j - m) v_j over the keys seen so far               (B, H, bq, hs)
+
+    and when a new key block raises the max to m', the old sums are multiplied by exp(m - m'),
+    which is exact: every term exp(s_j - m) becomes exp(s_j - m'). At the end y = acc / l.
+    Key blocks that lie wholly above the diagonal (every key after every query of the block)
+    are skipped. Memory beyond the inputs and outputs is O(block_q * block_k) per head.
+
+    qkv (B, T, 3C) -> y (B, T, C); the cache keeps q, k, v, the output o (B, H, T, hs) and one
+    log-sum-exp per row, lse = m + log l (B, H, T), from which the backward recomputes the
+    probabilities. Derivation: docs/derivations.md, "Tiled attention".
+    """
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_k={block_k}")
+    xp = array_module(qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (_split_heads(a, n_head) for a in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
+    scale = 1.0 / math.sqrt(C // n_head)
+    o = xp.empty(q.shape, dtype=q.dtype)                                  # (B, H, T, hs)
+    lse = xp.empty(q.shape[:-1], dtype=q.dtype)                           # (B, H, T)
+    for i0 in range(0, T, block_q):
+        i1 = min(i0 + block_q, T)
+        qi = q[:, :, i0:i1] * scale                                       # (B, H, bq, hs)
+        m = xp.full(qi.shape[:-1] + (1,), -xp.inf, dtype=q.dtype)         # (B, H, bq, 1)
+        l = xp.zeros_like(m)
+        acc = xp.zeros_like(qi)
+        for j0 in range(0, i1, block_k):      # keys from i1 on come after every query here
+            j1 = min(j0 + block_k, i1)
+            s = qi @ k[:, :, j0:j1].transpose(0, 1, 3, 2)                 # (B, H, bq, bk)
+            s = xp.where(_tile_mask(xp, i0, i1, j0, j1), -xp.inf, s)
+            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))          # finite: key 0 <= i
+            p = xp.exp(s - m_new)                                         # (B, H, bq, bk)
+            alpha = xp.exp(m - m_new)                 # rescales what was summed under m
+            l = alpha * l + p.sum(axis=-1, keepdims=True)
+            acc = alpha * acc + p @ v[:, :, j0:j1]
+            m = m_new
+        o[:, :, i0:i1] = acc / l
+        lse[:, :, i0:i1] = (m + xp.log(l))[..., 0]
+    return _merge_heads(o), (q, k, v, o, lse, scale, block_q, block_k)
+
+
+def flash_attention_backward(dy, cache):
+    """Backward of ``flash_attention_forward``, tile by tile, never storing a (T, T) matrix.
+
+    Per tile the probabilities are recomputed from the saved log-sum-exp, p = exp(s - lse);
+    then, as in ``attention_backward``:  dv += p^T @ dO;  dp = dO @ v^T;
+    ds = p * (dp - Δ)  with  Δ_i = sum_j p_ij dp_ij = dO_i · o_i  (one number per row, from the
+    output instead of a sum over the whole row of scores);  dq += scale * ds @ k;
+    dk += scale * ds^T @ q.   dy (B, T, C) -> dqkv (B, T, 3C).
+    """
+    q, k, v, o, lse, scale, block_q, block_k = cache
+    xp = array_module(dy)
+    B, H, T, hs = q.shape
+    do = _split_heads(dy, H)                                              # (B, H, T, hs)
+    delta = (do * o).sum(axis=-1, keepdims=True)                          # (B, H, T, 1)
+    dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
+    for i0 in range(0, T, block_q):
+        i1 = min(i0 + block_q, T)
+        qi, doi = q[:, :, i0:i1], do[:, :, i0:i1]                         # (B, H, bq, hs)
+        lse_i, delta_i = lse[:, :, i0:i1, None], delta[:, :, i0:i1]       # (B, H, bq, 1)
+        for j0 in range(0, i1, block_k):
+            j1 = min(j0 + block_k, i1)
+            kj, vj = k[:, :, j0:j1], v[:, :, j0:j1]                       # (B, H, bk, hs)
+            s = (qi @ kj.transpose(0, 1, 3, 2)) * scale                   # (B, H, bq, bk)
+            s = xp.where(_tile_mask(xp, i0, i1, j0, j1), -xp.inf, s)
+            p = xp.exp(s - lse_i)                     # the forward's probabilities, again
+            dv[:, :, j0:j1] += p.transpose(0, 1, 3, 2) @ doi
+            dp = doi @ vj.transpose(0, 1, 3, 2)                           # (B, H, bq, bk)
+            ds = p * (dp - delta_i)
+            dq[:, :, i0:i1] += (ds @ kj) * scale
+            dk[:, :, j0:j1] += (ds.transpose(0, 1, 3, 2) @ qi) * scale
+    return xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
+
+
+def _tile_mask(xp, i0, i1, j0, j1):
+    """Boolean (i1 - i0, j1 - j0), True where key j0 + c comes after query i0 + r (j > i)."""
+    return xp.arange(j0, j1)[None, :] > xp.arange(i0, i1)[:, None]
+
+
 def attention_step(qkv, n_head, k_cache, v_cache, pos):
     """Attention for generation with a KV cache (inference only, no backward).
 

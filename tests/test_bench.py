@@ -67,3 +67,51 @@ def test_bench_train_on_gpu_without_one_is_a_clear_error():
         pytest.skip("a GPU is present here")
     result = run_cli("bench", "train", "--device", "gpu", *TINY)
     assert result.returncode == 2 and "device='gpu' was requested" in result.stderr
+
+
+def test_bench_attention_prints_peak_memory_of_both_forms():
+    out = bench_output("bench", "attention", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                       "--vocab-size", "20", "--block-size", "64", "--json")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith(("stored ", "tiled "))}
+    assert set(rows) == {"stored", "tiled"}
+    import json
+    results = json.loads(out.strip().splitlines()[-1])
+    assert [r["form"] for r in results] == ["stored", "tiled"]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    assert all(r["peak_mib"] >= r["model_mib"] > 0 for r in results)
+
+
+def test_gpu_bench_table_and_best_batch_logic_without_a_gpu(monkeypatch, capsys):
+    """The GPU bench's parent side on canned child results: the best-batch search stops when
+    tokens/s stops growing or memory runs out, and the rows carry both MFU formulas."""
+    from minigpt2 import bench_train_gpu as g
+    from minigpt2.config import GPTConfig
+    from minigpt2.info import flops_per_token
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=100)
+    step_s = {8: 0.010, 16: 0.015, 32: 0.031}         # tokens/s: 102k, 137k, 132k
+
+    def child(args, cfg, precision, framework):
+        B = args.batch_size
+        if B not in step_s:
+            return {"precision": precision, "framework": framework, "error": "out of memory"}
+        return {"precision": precision, "framework": framework, "times": [step_s[B]] * 3,
+                "peak_bytes": 2 ** 30, "baseline_bytes": 2 ** 28, "losses": [4.6, 4.5],
+                "device": "NVIDIA H100 80GB HBM3",
+                **({"phases": {"matmuls": 0.005, "attention": 0.002, "element-wise": 0.002,
+                               "optimizer": 0.0005, "rest": 0.0005}}
+                   if framework == "minigpt2" else {})}
+
+    monkeypatch.setattr(g, "_child", child)
+    args = g.argparse.Namespace(batch_size=8, recompute=False, attention="flash")
+    B, row = g.best_batch(args, cfg, "float16")
+    assert B == 16 and row["times"] == [0.015] * 3
+    rows = [child(g._with_batch(args, 16), cfg, "float16", fw) for fw in ("minigpt2", "sdpa")]
+    g.print_rows(args, cfg, "float16", 16, rows)
+    out = capsys.readouterr().out
+    tokens_per_s = 16 * 128 / 0.015
+    for key in ("nanogpt", "llmc"):
+        expected = tokens_per_s * flops_per_token(cfg, 128)[f"train_{key}"] / 989.4e12
+        assert rows[0][f"mfu_{key}"] == pytest.approx(expected)
+        assert f"{expected:.1%}" in out
+    assert "pytorch (sdpa)" in out and "attention 2.0 ms (13%)" in out

@@ -128,17 +128,24 @@ def test_precision_errors_are_clear():
 
 def test_memory_estimate_follows_recompute_and_precision():
     cfg = GPTConfig.preset("gpt2-xl")
-    full = estimate_memory(cfg, 1, 1024)
-    rec = estimate_memory(cfg, 1, 1024, recompute=True)
-    half = estimate_memory(cfg, 1, 1024, precision="float16")
+    full = estimate_memory(cfg, 1, 1024, tiled_attention=False)
+    rec = estimate_memory(cfg, 1, 1024, recompute=True, tiled_attention=False)
+    half = estimate_memory(cfg, 1, 1024, precision="float16", tiled_attention=False)
     assert rec["activations"] < full["activations"] / 10
     assert half["activations"] == full["activations"] // 2
     assert half["float16_weight_copies"] == 2 * cfg.num_params()
     # recompute keeps one block and every block's input: the difference is exact
     C, L, T = cfg.n_embd, cfg.n_layer, 1024
     block = 16 * C + 4 + cfg.n_head * T
-    assert (activation_floats(cfg, 1, T) - activation_floats(cfg, 1, T, recompute=True)
+    assert (activation_floats(cfg, 1, T, tiled_attention=False)
+            - activation_floats(cfg, 1, T, recompute=True, tiled_attention=False)
             == T * ((L - 1) * block - L * C))
+    # tiled attention keeps one log-sum-exp per head and token instead of a row of T weights;
+    # without a say, it is what the CPU runs: tiled from T = 1024 on
+    assert (activation_floats(cfg, 1, T, tiled_attention=False)
+            - activation_floats(cfg, 1, T, tiled_attention=True) == L * T * cfg.n_head * (T - 1))
+    assert activation_floats(cfg, 1, T) == activation_floats(cfg, 1, T, tiled_attention=True)
+    assert activation_floats(cfg, 1, 512) == activation_floats(cfg, 1, 512, tiled_attention=False)
     # the peak: weights + moments + the larger of the activations and the gradients
     assert full["training_step"] == full["weights"] + full["adamw_moments"] + max(
         full["activations"], full["gradients"])

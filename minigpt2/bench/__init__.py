@@ -20,6 +20,8 @@ BENCHMARKS = {
               "a training step (forward, backward, AdamW) vs transformers + torch.optim.AdamW"),
     "generate": ("minigpt2.bench.generate",
                  "KV-cache greedy generation vs transformers' generate on the same weights"),
+    "attention": ("minigpt2.bench.attention",
+                  "long-context memory on the CPU: stored (B, H, T, T) attention vs tiled"),
     "bloom": ("minigpt2.bench.bloom", "8-gram Bloom filter: hashing, insert and query throughput"),
     "prepare": ("minigpt2.bench.prepare",
                 "prepare a generated corpus: MB/s vs tiktoken, peak memory, ids equal"),

@@ -41,7 +41,18 @@ def add_arguments(p):
     p.add_argument("--precisions", help="GPU: comma-separated, of float32, tf32, float16 "
                    "(default all three; tf32 for gpt2-xl)")
     p.add_argument("--torch-attention", default="sdpa,eager",
-                   help="GPU: the PyTorch attention rows (default sdpa,eager)")
+                   help="GPU: the PyTorch rows, of sdpa, eager and compile (torch.compile of the "
+                        "sdpa model) (default sdpa,eager)")
+    p.add_argument("--attention", choices=["flash", "stored"], default="flash",
+                   help="GPU: minigpt2's attention, the flash kernels (default) or the stored "
+                        "(B, H, T, T) matrix")
+    p.add_argument("--best-batch", action="store_true",
+                   help="GPU: also search the batch size that gives minigpt2 the most tokens/s "
+                        "(doubling from --batch-size until it slows down or runs out of memory) "
+                        "and run every row at that batch too")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU: time minigpt2's step by phase with CUDA events (matmuls, attention, "
+                        "element-wise, optimizer, the rest)")
     p.add_argument("--recompute", action="store_true",
                    help="GPU: minigpt2 recomputes each block's activations in the backward")
     p.add_argument("--no-gemm", action="store_true", help="GPU: skip the 8192^3 GEMM timing")
@@ -49,7 +60,8 @@ def add_arguments(p):
     p.add_argument("--_memory", choices=["minigpt2", "sdpa", "eager"], help=argparse.SUPPRESS)
     # internal: the fresh subprocess that runs one framework in one precision on the GPU
     p.add_argument("--_precision", choices=["float32", "tf32", "float16"], help=argparse.SUPPRESS)
-    p.add_argument("--_framework", choices=["minigpt2", "sdpa", "eager"], help=argparse.SUPPRESS)
+    p.add_argument("--_framework", choices=["minigpt2", "sdpa", "eager", "compile"],
+                   help=argparse.SUPPRESS)
 
 
 # ---- the two training steps -------------------------------------------------------------------

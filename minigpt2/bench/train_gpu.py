@@ -8,9 +8,24 @@ other framework's memory nor a process-wide math setting leaks into a measuremen
     tf32      float32 storage, TF32 tensor-core matrix multiplies (both)
     float16   mixed precision: minigpt2's ``precision="float16"`` with dynamic loss scaling,
               PyTorch's autocast(float16) with GradScaler; float32 master weights in both
-After warm-up each step is timed with CUDA events (the GPU's own clock). MFU is the step's
-matrix FLOPs per second (``info``'s count) over the card's dense peak for the precision, where
-the card is known; "of GEMM" divides by an 8192^3 matrix multiply timed in the same precision.
+PyTorch rows (``--torch-attention``): ``sdpa`` (transformers' scaled_dot_product_attention,
+flash attention under autocast float16), ``eager``, and ``compile`` (the sdpa model through
+``torch.compile``, compiled during the warm-up steps). minigpt2 runs the flash kernels
+(``flash_kernels.py``) or, with ``--attention stored``, the stored (B, H, T, T) matrix.
+
+After warm-up each step is timed with CUDA events (the GPU's own clock). MFU is tokens/s times
+FLOPs per token over the card's dense peak for the precision (``PEAK_FLOPS``: NVIDIA's data
+sheets, SXM parts, without sparsity), with FLOPs per token counted two ways, both printed:
+nanoGPT's ``estimate_mfu`` (6 N + 12 L H Q T, N without the position embedding) and llm.c's
+``gpt2_estimate_mfu`` (6 N + 6 L C T, N every parameter). "of GEMM" divides the step's matrix
+FLOPs (``info``'s count) by an 8192^3 matrix multiply timed in the same precision.
+
+``--best-batch`` doubles B from ``--batch-size`` while minigpt2's tokens/s grows (and memory
+lasts), then runs every row again at the best B. ``--profile`` times minigpt2's step by phase:
+CUDA events around each call of the linear layers (matmuls), the attention, the element-wise
+layers (LayerNorm, GELU, dropout, embedding, the loss) and the optimizer; "rest" is the step's
+time outside them (the LM head's products, residual adds, float16 casts, the GPU waiting for
+the host).
 
 Peak memory is the device's used memory (CUDA's free/total query, so it includes the CUDA
 context, cuBLAS workspaces and everything outside the frameworks' pools) at its highest during
@@ -18,6 +33,8 @@ the steps, sampled after every block's forward and backward and around the step.
 
 For GPT-2 124M at T = 1024, batch 8 (the GPU issues' target):
     python -m minigpt2 bench train --device gpu --preset gpt2
+A long-context row (attention memory linear in T; B = 1):
+    python -m minigpt2 bench train --device gpu --preset gpt2 --block-size 4096 --batch-size 1
 For the 48-layer GPT-2 XL at B = 1, T = 1024 (the defaults for that preset), with the ``info``
 memory estimate beside the measured peak:
     python -m minigpt2 bench train --device gpu --preset gpt2-xl
@@ -25,24 +42,32 @@ memory estimate beside the measured peak:
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
+
+import numpy as np
 
 from ..info import estimate_memory, flops_per_token
 from .common import batch_for, import_torch, model_argv, torch_adamw, torch_twin
 
 GiB = 1024 ** 3
 PRECISIONS = ("float32", "tf32", "float16")
-FRAMEWORKS = ("minigpt2", "sdpa", "eager")
+FRAMEWORKS = ("minigpt2", "sdpa", "eager", "compile")
 
-# dense peak FLOP/s of known cards (NVIDIA data sheets, SXM parts)
+# dense peak FLOP/s of known cards (NVIDIA data sheets, SXM parts, no sparsity); the H200 is the
+# H100's chip with more memory: the same rates
 PEAK_FLOPS = {
     "H100": {"float32": 67e12, "tf32": 494.7e12, "float16": 989.4e12},
     "H200": {"float32": 67e12, "tf32": 494.7e12, "float16": 989.4e12},
     "A100": {"float32": 19.5e12, "tf32": 156e12, "float16": 312e12},
 }
+
+
+PEAK_FLOPS_SOURCE = ("NVIDIA data sheets, dense: H100/H200 SXM 989 TFLOP/s float16, 494 TF32, "
+                     "67 float32; A100 312, 156, 19.5")
 
 
 def peak_for(device_name: str, precision: str):
@@ -74,6 +99,60 @@ def gpu_gemm_flops(cupy, precision, n=8192, repeat=3) -> float:
     return 2 * n ** 3 / best
 
 
+class PhaseTimer:
+    """GPU time per phase of a step, from CUDA events recorded around the calls of wrapped
+    functions (the events of one step are read after it, so timing adds no host sync)."""
+
+    def __init__(self, cupy):
+        self.cupy = cupy
+        self.pending = []
+        self.steps = []
+
+    def wrap(self, owner, name, phase):
+        """Replace ``owner.name`` by a version timed under ``phase``."""
+        fn = getattr(owner, name)
+        cuda = self.cupy.cuda
+
+        def timed(*args, **kwargs):
+            start, end = cuda.Event(), cuda.Event()
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self.pending.append((phase, start, end))
+            return out
+
+        setattr(owner, name, timed)
+
+    def end_step(self, step_seconds):
+        """Sum the step's events by phase; "rest" is the step's time outside every phase."""
+        self.cupy.cuda.Device().synchronize()
+        phases = {}
+        for phase, start, end in self.pending:
+            ms = self.cupy.cuda.get_elapsed_time(start, end)
+            phases[phase] = phases.get(phase, 0.0) + ms / 1e3
+        self.pending.clear()
+        phases["rest"] = step_seconds - sum(phases.values())
+        self.steps.append(phases)
+
+
+# the layer set's functions (as the model calls them) -> the phase they are timed under
+PHASES = {**dict.fromkeys(("linear_forward", "linear_backward"), "matmuls"),
+          **dict.fromkeys(("attention_forward", "attention_backward"), "attention"),
+          **dict.fromkeys(("layernorm_forward", "layernorm_backward", "gelu_forward",
+                           "gelu_backward", "dropout_forward", "dropout_backward",
+                           "embedding_forward", "embedding_backward", "cross_entropy_forward",
+                           "cross_entropy_backward"), "element-wise")}
+
+
+def profile_phases(cupy, model, opt):
+    """A PhaseTimer wrapping the functions of the model's layer set and the optimizer's step."""
+    timer = PhaseTimer(cupy)
+    for name, phase in PHASES.items():
+        timer.wrap(model.layers, name, phase)
+    timer.wrap(opt, "step", "optimizer")
+    return timer
+
+
 class UsedMemory:
     """The device's used bytes (total - free), its highest value over every ``sample()``."""
 
@@ -90,18 +169,21 @@ class UsedMemory:
         self.peak = max(self.peak, self.now())
 
 
-def _ours(cfg, B, precision, recompute, memory):
-    """minigpt2's step on the GPU; returns (step, name of the device)."""
+def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False):
+    """minigpt2's step on the GPU; returns (step, losses, scaler, phase timer or None)."""
     import cupy
 
+    from .. import gpu_layers
     from ..model import GPT
     from ..optim import AdamW, LossScaler, global_norm
+    gpu_layers.GPU_FLASH = attention == "flash"
     model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute)
     model.on_block = memory.sample
     opt = AdamW(model.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     scaler = LossScaler() if precision == "float16" else None
     idx, targets = batch_for(cfg, B)
     losses = []
+    timer = profile_phases(cupy, model, opt) if profile else None
 
     def step():
         _, loss = model.forward(idx, targets)
@@ -117,7 +199,7 @@ def _ours(cfg, B, precision, recompute, memory):
         memory.sample()
         losses.append(loss)
 
-    return step, losses, scaler
+    return step, losses, scaler, timer
 
 
 def _torch(cfg, B, precision, attn, memory):
@@ -129,12 +211,13 @@ def _torch(cfg, B, precision, attn, memory):
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     host = GPT(cfg, seed=0, device="cpu")
-    hf = torch_twin(host, attn, device="cuda").train()
+    hf = torch_twin(host, "sdpa" if attn == "compile" else attn, device="cuda").train()
     del host
     for block in hf.transformer.h:
         block.register_forward_hook(memory.sample)
     idx, targets = (torch.as_tensor(a, device="cuda") for a in batch_for(cfg, B))
     opt = torch_adamw(hf)
+    model = torch.compile(hf) if attn == "compile" else hf
     half = precision == "float16"
     scaler = torch.amp.GradScaler("cuda", enabled=half)
     V = cfg.vocab_size
@@ -143,7 +226,7 @@ def _torch(cfg, B, precision, attn, memory):
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=half):
-            logits = hf(idx).logits
+            logits = model(idx).logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(),
                                                      targets.reshape(-1))
         memory.sample()
@@ -163,9 +246,11 @@ def measure(args, cfg, precision, framework) -> dict:
     B = args.batch_size
     memory = UsedMemory(cupy.cuda.runtime.memGetInfo)
     result = {"precision": precision, "framework": framework, "baseline_bytes": memory.start}
+    timer = None
     if framework == "minigpt2":
-        step, losses, scaler = _ours(cfg, B, precision, args.recompute, memory)
-        timer = cuda_timed
+        step, losses, scaler, timer = _ours(cfg, B, precision, args.recompute, memory,
+                                            args.attention, args.profile)
+        clock_step = cuda_timed
         clock = cupy
         finish = cupy.cuda.Device().synchronize
     else:
@@ -176,7 +261,7 @@ def measure(args, cfg, precision, framework) -> dict:
         step, losses = _torch(cfg, B, precision, framework, memory)
         scaler = None
 
-        def timer(_, fn):
+        def clock_step(_, fn):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -188,7 +273,17 @@ def measure(args, cfg, precision, framework) -> dict:
     for _ in range(args.warmup):
         step()
     finish()
-    result["times"] = [timer(clock, step) for _ in range(args.steps)]
+    if timer is not None:
+        timer.pending.clear()        # the warm-up's events
+    result["times"] = []
+    for _ in range(args.steps):
+        result["times"].append(clock_step(clock, step))
+        if timer is not None:
+            timer.end_step(result["times"][-1])
+    if timer is not None:
+        result["phases"] = {phase: statistics.median(s.get(phase, 0.0) for s in timer.steps)
+                            for phase in ("matmuls", "attention", "element-wise", "optimizer",
+                                          "rest")}
     result["peak_bytes"] = memory.peak
     result["losses"] = [float(v) for v in losses]
     if scaler is not None:
@@ -204,7 +299,9 @@ def _child(args, cfg, precision, framework) -> dict:
     argv = [sys.executable, "-m", "minigpt2", "bench", "train", "--device", "gpu",
             "--_precision", precision, "--_framework", framework,
             *model_argv(cfg, args.batch_size), "--steps", str(args.steps),
-            "--warmup", str(args.warmup)]
+            "--warmup", str(args.warmup), "--attention", args.attention]
+    if args.profile:
+        argv.append("--profile")
     if args.recompute:
         argv.append("--recompute")
     if args.no_gemm:
@@ -214,6 +311,75 @@ def _child(args, cfg, precision, framework) -> dict:
         lines = (child.stderr.strip() or child.stdout.strip() or "?").splitlines()
         return {"precision": precision, "framework": framework, "error": lines[-1]}
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _with_batch(args, B):
+    return argparse.Namespace(**{**vars(args), "batch_size": B})
+
+
+def best_batch(args, cfg, precision):
+    """Double B from --batch-size while minigpt2's tokens/s grows; the best (B, row)."""
+    best = None
+    B = args.batch_size
+    while B <= 1024:
+        row = _child(_with_batch(args, B), cfg, precision, "minigpt2")
+        if "times" not in row:
+            print(f"  B = {B}: {row.get('error', 'failed')}")
+            break
+        tps = B * cfg.block_size / statistics.median(row["times"])
+        print(f"  B = {B}: {tps:.0f} tokens/s, peak {row['peak_bytes'] / GiB:.2f} GiB")
+        if best is not None and tps <= best[2]:
+            break
+        best = (B, row, tps)
+        B *= 2
+    return (best[0], best[1]) if best else (None, None)
+
+
+def print_rows(args, cfg, precision, B, rows):
+    """The table rows of one precision and batch; adds tokens_per_s and the MFUs to each row."""
+    T = cfg.block_size
+    tokens = B * T
+    fpt = flops_per_token(cfg, T)
+    ours = next((r for r in rows if r["framework"] == "minigpt2" and "times" in r), None)
+    for r in rows:
+        label = r["framework"] if r["framework"] == "minigpt2" else f"pytorch ({r['framework']})"
+        if "error" in r:
+            print(f"{precision:<10}{B:>4} {label:<19} failed: {r['error']}")
+            continue
+        median = statistics.median(r["times"])
+        peak = peak_for(r["device"], precision)
+        ratio = "" if r is ours or ours is None else \
+            f"{median / statistics.median(ours['times']):.2f}"
+        mfu = {k: tokens / median * fpt[f"train_{k}"] / peak if peak else None
+               for k in ("nanogpt", "llmc")}
+        gemm = ours.get("gemm_flops") if ours else None
+        of_gemm = f"{fpt['train'] * tokens / median / gemm:.0%}" if gemm else "-"
+        r.update(batch_size=B, tokens_per_s=tokens / median, ms_per_step=1e3 * median,
+                 mfu_nanogpt=mfu["nanogpt"], mfu_llmc=mfu["llmc"])
+        mfu_s = "".join(f"{v:>8.1%}" if v is not None else f"{'?':>8}" for v in mfu.values())
+        print(f"{precision:<10}{B:>4} {label:<19}{tokens / median:>10.0f}{1e3 * median:>9.1f}"
+              f"{ratio:>7}{mfu_s}{of_gemm:>8}{r['peak_bytes'] / GiB:>9.2f}")
+    if ours is None:
+        return
+    losses = ", ".join(f"{v:.3f}" for v in ours["losses"])
+    skipped = f"; skipped steps {ours['skipped_steps']}" if "skipped_steps" in ours else ""
+    print(f"  minigpt2 losses on the fixed batch, step by step: {losses}{skipped}")
+    from ..flash_kernels import supports
+    flash = args.attention == "flash" and supports(np.float16 if precision == "float16"
+                                                   else np.float32, cfg.n_embd // cfg.n_head)
+    est = estimate_memory(cfg, B, T, precision=precision, recompute=args.recompute,
+                          tiled_attention=flash)
+    used = ours["peak_bytes"]
+    print(f"  info's estimate {est['training_step'] / GiB:.2f} GiB + CUDA context "
+          f"{ours['baseline_bytes'] / GiB:.2f} GiB = "
+          f"{(est['training_step'] + ours['baseline_bytes']) / GiB:.2f} GiB; "
+          f"measured peak {used / GiB:.2f} GiB "
+          f"({(est['training_step'] + ours['baseline_bytes']) / used - 1:+.1%})")
+    if "phases" in ours:
+        step = statistics.median(ours["times"])
+        print("  minigpt2 step by phase (CUDA events, median over the steps): "
+              + ", ".join(f"{k} {1e3 * v:.1f} ms ({v / step:.0%})"
+                          for k, v in ours["phases"].items()))
 
 
 def run_gpu(args, cfg) -> int:
@@ -227,60 +393,47 @@ def run_gpu(args, cfg) -> int:
     unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:
         raise ValueError(f"--precisions takes {', '.join(PRECISIONS)}; got {', '.join(unknown)}")
+    torch_rows = args.torch_attention.split(",") if args.torch_attention else []
+    unknown = sorted(set(torch_rows) - set(FRAMEWORKS[1:]))
+    if unknown:
+        raise ValueError(f"--torch-attention takes {', '.join(FRAMEWORKS[1:])}; "
+                         f"got {', '.join(unknown)}")
     frameworks = ["minigpt2"]
     torch = import_torch()
     if torch is not None:
         if torch.cuda.is_available():
-            frameworks += args.torch_attention.split(",")
+            frameworks += torch_rows
         else:
             print("PyTorch here cannot see a CUDA GPU (a CPU build?): minigpt2's figures only")
-    B, T = args.batch_size, cfg.block_size
-    tokens = B * T
-    flops = flops_per_token(cfg, T)["train"] * tokens
+    T = cfg.block_size
     print(f"training step on the GPU: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} "
-          f"channels, V = {cfg.vocab_size}, B = {B}, T = {T}"
-          + (", minigpt2 with --recompute" if args.recompute else ""))
-    header = (f"{'precision':<10}{'framework':<18}{'tokens/s':>10}{'ms/step':>9}{'ratio':>7}"
-              f"{'MFU':>7}{'of GEMM':>8}{'peak GiB':>9}")
+          f"channels, V = {cfg.vocab_size}, T = {T}, minigpt2 attention: {args.attention}"
+          + (", with --recompute" if args.recompute else ""))
+    header = (f"{'precision':<10}{'B':>4} {'framework':<19}{'tokens/s':>10}{'ms/step':>9}"
+              f"{'ratio':>7}{'MFU nGPT':>8}{'MFU llmc':>8}{'of GEMM':>8}{'peak GiB':>9}")
     results, device = [], None
     for precision in precisions:
-        rows = [_child(args, cfg, precision, fw) for fw in frameworks]
-        results += rows
-        ours = next((r for r in rows if r["framework"] == "minigpt2" and "times" in r), None)
-        for r in rows:
-            label = r["framework"] if r["framework"] == "minigpt2" else f"pytorch ({r['framework']})"
-            if "error" in r:
-                print(f"{precision:<10}{label:<18} failed: {r['error']}")
-                continue
+        batches = [args.batch_size]
+        if args.best_batch:
+            print(f"{precision}: searching minigpt2's best batch")
+            B_best, _ = best_batch(args, cfg, precision)
+            if B_best is not None and B_best != args.batch_size:
+                batches.append(B_best)
+        for B in batches:
+            rows = [_child(_with_batch(args, B), cfg, precision, fw) for fw in frameworks]
+            results += rows
             if device is None:
-                device = r["device"]
-                print(f"device: {device}")
-                print(header)
-            median = statistics.median(r["times"])
-            peak = peak_for(r["device"], precision)
-            ratio = "" if r is ours or ours is None else \
-                f"{median / statistics.median(ours['times']):.2f}"
-            mfu = f"{flops / median / peak:.1%}" if peak else "?"
-            gemm = ours.get("gemm_flops") if ours else None
-            of_gemm = f"{flops / median / gemm:.0%}" if gemm else "-"
-            r.update(tokens_per_s=tokens / median, ms_per_step=1e3 * median)
-            print(f"{precision:<10}{label:<18}{tokens / median:>10.0f}{1e3 * median:>9.1f}"
-                  f"{ratio:>7}{mfu:>7}{of_gemm:>8}{r['peak_bytes'] / GiB:>9.2f}")
-        if ours is not None:
-            losses = ", ".join(f"{v:.3f}" for v in ours["losses"])
-            skipped = f"; skipped steps {ours['skipped_steps']}" if "skipped_steps" in ours else ""
-            print(f"  minigpt2 losses on the fixed batch, step by step: {losses}{skipped}")
-            est = estimate_memory(cfg, B, T, precision=precision, recompute=args.recompute)
-            used = ours["peak_bytes"]
-            print(f"  info's estimate {est['training_step'] / GiB:.2f} GiB + CUDA context "
-                  f"{ours['baseline_bytes'] / GiB:.2f} GiB = "
-                  f"{(est['training_step'] + ours['baseline_bytes']) / GiB:.2f} GiB; "
-                  f"measured peak {used / GiB:.2f} GiB "
-                  f"({(est['training_step'] + ours['baseline_bytes']) / used - 1:+.1%})")
-    print("ratio: minigpt2 tokens/s / PyTorch tokens/s (above 1: minigpt2 faster); MFU against "
-          "the card's dense peak for the precision; 'of GEMM': against an 8192^3 matrix "
-          "multiply in the same precision, timed in minigpt2's process; peak: the device's used "
-          "memory, highest over the steps")
+                device = next((r["device"] for r in rows if "device" in r), None)
+                if device is not None:
+                    print(f"device: {device}; dense peak table: {PEAK_FLOPS_SOURCE}")
+                    print(header)
+            print_rows(args, cfg, precision, B, rows)
+    print("ratio: minigpt2 tokens/s / PyTorch tokens/s (above 1: minigpt2 faster). MFU: tokens/s "
+          "x FLOPs per token / the card's dense peak for the precision, FLOPs per token by "
+          "nanoGPT's estimate_mfu (nGPT: 6N + 12 L H Q T) and llm.c's gpt2_estimate_mfu (llmc: "
+          "6N + 6 L C T). 'of GEMM': the step's matrix FLOPs against an 8192^3 matrix multiply "
+          "in the same precision, timed in minigpt2's process; peak: the device's used memory, "
+          "highest over the steps")
     if args.json:
         print(json.dumps(results))
     return 0
