@@ -85,7 +85,7 @@ def test_bench_attention_prints_peak_memory_of_both_forms():
 def test_gpu_bench_table_and_best_batch_logic_without_a_gpu(monkeypatch, capsys):
     """The GPU bench's parent side on canned child results: the best-batch search stops when
     tokens/s stops growing or memory runs out, and the rows carry both MFU formulas."""
-    from minigpt2 import bench_train_gpu as g
+    from minigpt2.bench import train_gpu as g
     from minigpt2.config import GPTConfig
     from minigpt2.info import flops_per_token
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=100)

@@ -67,7 +67,7 @@ def _vocabulary(rng: np.random.Generator) -> np.ndarray:
     from .tokenizer import python_sources
     text = python_sources(3_000_000)
     try:
-        from .data import shakespeare_text
+        from ..data import shakespeare_text
         text += shakespeare_text()
     except FileNotFoundError:
         pass
