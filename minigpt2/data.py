@@ -236,7 +236,18 @@ class CharTokenizer:
         return self.encode_array(text).tolist()
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        """ids -> text. Every id must be an integer in [0, vocab_size): a negative id would
+        otherwise index from the end and a float would be truncated, both silently."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()                  # array -> Python ints (or floats, refused below)
+        chars, out = self.chars, []
+        for pos, i in enumerate(ids):
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) \
+                    or not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i!r} at position {pos} is not in this character "
+                                 f"vocabulary (ids are integers from 0 to {self.vocab_size - 1})")
+            out.append(chars[i])
+        return "".join(out)
 
     def save(self, directory) -> None:
         payload = {"type": "char", "vocab_size": self.vocab_size, "chars": self.chars}

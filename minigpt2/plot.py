@@ -27,8 +27,29 @@ def read_metrics(directory) -> list[dict]:
     return rows
 
 
+def plot_path(output, directory) -> Path:
+    """The file ``plot`` writes: ``output`` as given when it names a file with an extension
+    matplotlib knows, ``output/loss.png`` for an existing folder, ``output.png`` for a name
+    without extension (matplotlib would add it silently); default ``directory/loss.png``."""
+    if output is None:
+        return Path(directory) / "loss.png"
+    output = Path(output)
+    if output.is_dir():
+        return output / "loss.png"
+    if not output.suffix:
+        return output.with_name(output.name + ".png")
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    known = Figure().canvas.get_supported_filetypes()
+    if output.suffix[1:].lower() not in known:
+        raise ValueError(f"--output {output}: matplotlib cannot write {output.suffix!r} files; "
+                         f"use one of {', '.join('.' + k for k in sorted(known))}")
+    return output
+
+
 def plot_losses(rows: list[dict], output) -> Path:
-    """Draw loss against step to ``output`` (PNG)."""
+    """Draw loss against step to the file ``output`` (PNG, or the format its extension names)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
@@ -53,11 +74,12 @@ def plot_losses(rows: list[dict], output) -> Path:
 
 def add_arguments(p):
     p.add_argument("dir", metavar="DIR", help="a train --out folder")
-    p.add_argument("--output", "-o", help="the PNG to write (default DIR/loss.png)")
+    p.add_argument("--output", "-o", help="the image to write (default DIR/loss.png; a folder "
+                   "gets loss.png inside; a name without extension gets .png)")
 
 
 def run(args) -> int:
     rows = read_metrics(args.dir)
-    output = plot_losses(rows, args.output or Path(args.dir) / "loss.png")
+    output = plot_losses(rows, plot_path(args.output, args.dir))
     print(f"wrote {output}")
     return 0

@@ -193,8 +193,11 @@ class BloomFilter:
             with np.load(path, allow_pickle=False) as z:
                 header = json.loads(z["header"].tobytes().decode())
                 bits = z["bits"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path} is not a minigpt2 Bloom filter file ({e})") from None
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            # (NumPy's own message would suggest allow_pickle: never for a file of ours)
+            raise ValueError(f"{path} is not a minigpt2 Bloom filter file (not an .npz archive "
+                             "holding 'bits' and 'header'); build one with 'python -m minigpt2 "
+                             "overlap build'") from None
         m = header.get("m") if isinstance(header, dict) else None
         if not isinstance(m, int) or not isinstance(header.get("k"), int) \
                 or header.get("format") != FORMAT or bits.size != (m + 7) // 8:

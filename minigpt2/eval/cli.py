@@ -26,7 +26,7 @@ from . import prompts
 from .cbt import cbt
 from .hellaswag import hellaswag, read_examples
 from .common import load_model
-from .jsonl import check_file, read_jsonl, write_jsonl
+from .jsonl import check_file, check_writable, read_jsonl, write_jsonl
 from .lambada import lambada
 from .perplexity import DETOKENIZERS, perplexity
 
@@ -112,7 +112,13 @@ def run(args) -> int:
               "summarize": ("article",), "qa": ("question", "answer"),
               "translate": (getattr(args, "source", None), getattr(args, "target", None))
               }[args.task]
-    # read and check the data before the (slow) model load
+    # check the output path and read the data before the (slow) model load and the work
+    if args.out:
+        check_writable(args.out)
+    if getattr(args, "batch_size", 1) < 1:
+        raise ValueError(f"--batch-size must be >= 1 (windows per forward), got {args.batch_size}")
+    if getattr(args, "stride", None) is not None and args.stride < 1:
+        raise ValueError(f"--stride must be >= 1 token, got {args.stride}")
     if args.task == "perplexity":
         path = check_file(args.data)
         try:

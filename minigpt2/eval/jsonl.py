@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 
@@ -20,8 +21,14 @@ def iter_jsonl(path, fields=()):
 
     A line that is not a JSON object, or lacks a field, is a ValueError naming path:line."""
     path = check_file(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                 f"column {e.start + 1}); a JSONL file is UTF-8 text, one JSON "
+                                 "object per line") from None
             if not line.strip():
                 continue
             try:
@@ -45,6 +52,30 @@ def read_jsonl(path, fields=()) -> list[tuple[int, dict]]:
     if not rows:
         raise ValueError(f"{path} holds no examples (an empty JSONL file)")
     return rows
+
+
+def check_writable(path, flag="--out") -> Path:
+    """Refuse, before any work is done, an output path that cannot be written: a folder, a
+    parent that is a file, or a place this process may not create files in (tried with a
+    temporary file, which also catches read-only file systems and holds for root)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent       # the nearest folder that exists: the rest will be made
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+        if path.exists():
+            with open(path, "ab"):
+                pass
+    except OSError as e:
+        raise PermissionError(f"{flag} {path} cannot be written ({e.strerror}); choose "
+                              "another path") from None
+    return path
 
 
 def write_jsonl(path, rows) -> None:

@@ -19,7 +19,7 @@ import regex
 
 from . import bloom
 from .bloom import N, BloomFilter
-from .jsonl import check_file, iter_jsonl, write_jsonl
+from .jsonl import check_file, check_writable, iter_jsonl, write_jsonl
 
 PIECE_CHARS = 1 << 22                                  # ~4M characters of a text file at a time
 BATCH_CHARS = 1 << 22                                  # JSONL documents hashed together
@@ -204,11 +204,14 @@ def run(args) -> int:
     if args.action == "build":
         if args.items is not None and args.items < 1:
             raise ValueError(f"--items must be >= 1, got {args.items}")
+        check_writable(args.out)
         f = build(args.train, args.rate, args.items, args.field, progress=not args.quiet)
         f.save(args.out)
         print(f"{f.n_added} 8-grams in {args.out}: m = {f.m} bits ({f.bits.nbytes / 2**20:.1f} "
               f"MiB), k = {f.k}, expected false-positive rate {f.expected_rate():.2e}")
         return 0
+    if args.out:
+        check_writable(args.out)
     f = BloomFilter.load(args.filter)
     report = check(f, args.test, args.field, progress=not args.quiet)
     if args.out:

@@ -70,6 +70,9 @@ def perplexity(model, tokenizer, text: str, stride=None, bos="auto", detokenize=
     """
     if not text:
         raise ValueError("the text to score is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (windows per forward), got "
+                         f"{batch_size!r}")
     T = model.config.block_size
     stride = T // 2 if stride is None else int(stride)
     seen = detokenize(text) if detokenize else text
