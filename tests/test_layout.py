@@ -80,6 +80,21 @@ def test_cycle_checker_finds_a_cycle_hidden_in_a_function(tmp_path):
     assert import_cycles(pkg) == [["pkg.a", "pkg.b", "pkg.a"]]
 
 
+def test_every_package_import_names_a_module_that_exists():
+    """A moved module leaves no import behind (those inside functions run only when called)."""
+    mods = module_files(PACKAGE)
+    missing = []
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+                if target not in mods:
+                    missing.append(f"{path.name}:{node.lineno} imports {target}")
+    assert not missing, "; ".join(missing)
+
+
 def test_reference_layers_are_plain_xp_code():
     source = (PACKAGE / "layers.py").read_text(encoding="utf-8")
     mods = module_files(PACKAGE)
