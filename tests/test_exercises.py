@@ -6,7 +6,9 @@ on the unfilled stub and on the classic mistakes of its exercise. The mistakes a
 the solutions below, one bug each, the ones learners make.
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -442,3 +444,61 @@ def test_grader_fails_the_mistake(name, bug, capsys):
 def test_every_exercise_has_a_stub_and_a_mistake():
     for name, (_, _, bugs) in CASES.items():
         assert "stub" in bugs and len(bugs) >= 2, name
+
+
+# ---- the learner copies ---------------------------------------------------------------------------
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _make_exercises():
+    spec = importlib.util.spec_from_file_location("make_exercises",
+                                                  NOTEBOOKS / "make_exercises.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learner_copies_are_up_to_date(capsys):
+    pytest.importorskip("nbformat")
+    make = _make_exercises()
+    assert make.main(["--check"]) == 0, capsys.readouterr().err
+    copies = sorted(p.name for p in (NOTEBOOKS / "exercises").glob("*.ipynb"))
+    assert copies == [p.name for p in make.worked_notebooks()]
+    assert len(copies) >= 7                     # notebooks 01-07 hold exercises
+
+
+def test_learner_copy_has_stubs_and_no_outputs_or_solutions():
+    nbformat = pytest.importorskip("nbformat")
+    for path in sorted((NOTEBOOKS / "exercises").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), path.name
+        text = "\n".join(c.source for c in code)
+        assert "### BEGIN SOLUTION" not in text and "NotImplementedError" in text, path.name
+        assert "check_" in text, path.name
+
+
+def test_solution_markers_must_be_paired():
+    make = _make_exercises()
+    with pytest.raises(ValueError, match="never closed"):
+        make.strip_solutions("def f():\n    ### BEGIN SOLUTION\n    return 1\n", "here")
+    assert make.strip_solutions("def f():\n    ### BEGIN SOLUTION\n    return 1\n"
+                                "    ### END SOLUTION\n", "here") == (
+        "def f():\n    # your code here\n    " + make.STUB)
+
+
+@pytest.mark.slow
+def test_run_all_stops_at_the_first_unfinished_exercise(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("MINIGPT2_FAST", "1")
+    path = NOTEBOOKS / "exercises" / "02_embeddings_layernorm.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                                     resources={"metadata": {"path": str(path.parent)}})
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as err:
+        client.execute()
+    assert "ExerciseFailed" in str(err.value) and "not written yet" in str(err.value)
+    graded = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("check_")]
+    assert graded[0].outputs and not graded[1].outputs      # stopped at the first grader
