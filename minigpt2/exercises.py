@@ -100,7 +100,8 @@ class _Grader:
         self.ok(f"{what} stays {np.dtype(want)}")
 
     def done(self) -> None:
-        print(f"  all {self.n_passed} checks passed")
+        n = self.n_passed
+        print(f"  all {n} check{'s' if n != 1 else ''} passed")
 
 
 def _grad_fd(loss, arr):

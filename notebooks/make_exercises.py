@@ -62,6 +62,7 @@ def learner_copy(nb, name: str):
     """The learner version of the worked notebook ``nb`` (saved as notebooks/``name``)."""
     nb = nbformat.from_dict(nb)
     for k, cell in enumerate(nb.cells):
+        cell.metadata.pop("execution", None)      # timestamps of the worked notebook's run
         if cell.cell_type == "code":
             cell.source = strip_solutions(cell.source, f"{name}, cell {k}")
             cell.outputs = []
