@@ -1,0 +1,505 @@
+"""The course's graders (minigpt2/exercises.py) can pass and can fail.
+
+Each grader must pass on the project's own implementation (or a plain solution where the
+exercise's signature has no counterpart in the package), and must fail, with ExerciseFailed,
+on the unfilled stub and on the classic mistakes of its exercise. The mistakes are small edits of
+the solutions below, one bug each, the ones learners make.
+"""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minigpt2 import exercises as E
+from minigpt2 import layers
+from minigpt2.model import top_k_logits, top_p_logits
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError("exercise: write this function")
+
+
+# ---- solutions (the shapes the notebooks ask for) --------------------------------------------
+
+def _merge(word, pair, new):
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def train_bpe(words, num_merges, pick=lambda c: min(c, key=lambda p: (-c[p], p)), weighted=True,
+              merge=_merge):
+    words, merges = dict(words), []
+    for k in range(num_merges):
+        counts = {}
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + (n if weighted else 1)
+        if not counts:
+            break
+        pair = pick(counts)
+        new_words = {}
+        for word, n in words.items():
+            w = merge(word, pair, 256 + k)
+            new_words[w] = new_words.get(w, 0) + n
+        words = new_words
+        merges.append(pair)
+    return merges
+
+
+def encode_chunk(ids, ranks, rule="lowest", once=False):
+    ids = list(ids)
+    while len(ids) > 1:
+        pairs = list(zip(ids, ids[1:]))
+        if rule == "lowest":
+            best = min(pairs, key=lambda p: ranks.get(p, math.inf))
+        else:   # the leftmost pair that has a rank
+            best = next((p for p in pairs if p in ranks), pairs[0])
+        if best not in ranks:
+            break
+        i = pairs.index(best)
+        ids[i:i + 2] = [256 + ranks[best]]
+        if once:
+            break
+    return ids
+
+
+def adamw_step(p, g, m, v, t, lr, betas, eps, weight_decay, bug=None):
+    b1, b2 = betas
+    if bug == "l2":
+        g = g + weight_decay * p if p.ndim >= 2 else g
+    elif p.ndim >= 2 or bug == "decay_all":
+        p *= 1.0 - lr * weight_decay
+    m *= b1
+    m += (1.0 - b1) * g
+    v *= b2
+    v += (1.0 - b2) * g * g
+    bc1, bc2 = (1.0, 1.0) if bug == "no_bias_correction" else (1.0 - b1 ** t, 1.0 - b2 ** t)
+    if bug == "eps_inside":
+        update = lr * (m / bc1) / np.sqrt(v / bc2 + eps)
+    else:
+        update = lr * (m / bc1) / (np.sqrt(v / bc2) + eps)
+    if bug == "not_in_place":
+        return p - update
+    p -= update
+
+
+def lr_at(step, lr, min_lr, warmup_iters, decay_iters, bug=None):
+    if step < warmup_iters:
+        if bug == "warmup_from_zero":
+            return lr * step / warmup_iters
+        return lr * (step + 1) / (warmup_iters + 1)
+    if step >= decay_iters and bug != "no_floor":
+        return min_lr
+    r = (step - warmup_iters) / (decay_iters - warmup_iters)
+    floor = 0.0 if bug == "to_zero" else min_lr
+    return floor + 0.5 * (1.0 + math.cos(math.pi * r)) * (lr - floor)
+
+
+def tied_lm_backward(dlogits, cache, bug=None):
+    idx, x, wte, wpe_shape = cache
+    B, T, V = dlogits.shape
+    C = x.shape[-1]
+    d2 = dlogits.reshape(-1, V)
+    dx = (d2 @ wte).reshape(B, T, C)
+    dwte = np.zeros_like(wte) if bug == "embedding_only" else d2.T @ x.reshape(-1, C)
+    if bug == "overwrite":
+        dwte[idx.reshape(-1)] = dx.reshape(-1, C)
+    elif bug != "head_only":
+        np.add.at(dwte, idx.reshape(-1), dx.reshape(-1, C))
+    dwpe = np.zeros(wpe_shape)
+    dwpe[:T] = dx.sum(axis=0)
+    return dwte, dwpe
+
+
+def mlp_residual_backward(dout, cache, residual=True):
+    ln, fc, gelu, proj = cache
+    g = {}
+    dh, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = layers.linear_backward(dout, proj)
+    dh = layers.gelu_backward(dh, gelu)
+    dh, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = layers.linear_backward(dh, fc)
+    dh, g["ln_2.weight"], g["ln_2.bias"] = layers.layernorm_backward(dh, ln)
+    return (dout + dh if residual else dh), g
+
+
+# ---- mistakes ---------------------------------------------------------------------------------
+
+def embedding_backward_overwrite(dx, cache):
+    idx, wte_shape, wpe_shape = cache
+    dwte = np.zeros(wte_shape, dtype=dx.dtype)
+    dwte[idx] = dx                                   # repeated ids: one row kept
+    dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
+    dwpe[:idx.shape[1]] = dx.sum(axis=0)
+    return dwte, dwpe
+
+
+def embedding_backward_plus_equals(dx, cache):
+    idx, wte_shape, wpe_shape = cache
+    dwte = np.zeros(wte_shape, dtype=dx.dtype)
+    dwte[idx] += dx                                  # fancy-index += does not accumulate
+    dwpe = np.zeros(wpe_shape, dtype=dx.dtype)
+    dwpe[:idx.shape[1]] = dx.sum(axis=0)
+    return dwte, dwpe
+
+
+def embedding_backward_dwpe_one_row(dx, cache):
+    dwte, dwpe = layers.embedding_backward(dx, cache)
+    dwpe[:dx.shape[1]] = dx[0]                       # only the first sequence of the batch
+    return dwte, dwpe
+
+
+def layernorm_backward_no_mean_terms(dout, cache):
+    x, w, mean, rstd = cache
+    dx, dw, db = layers.layernorm_backward(dout, cache)
+    return rstd * dout * w, dw, db
+
+
+def layernorm_forward_unbiased(x, w, b, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(x.var(-1, ddof=1, keepdims=True) + eps)
+    return (x - mean) * rstd * w + b, (x, w, mean, rstd)
+
+
+def layernorm_forward_float64_constant(x, w, b, eps=1e-5):
+    out, cache = layers.layernorm_forward(x, w, b, eps)
+    return out * np.float64(1.0), cache              # promotes float32 to float64
+
+
+def softmax_backward_no_subtraction(dp, p):
+    return p * dp
+
+
+def _heads(qkv, n_head):
+    """qkv (B, T, 3C) -> q, k, v, each (B, H, T, hs)."""
+    C = qkv.shape[-1] // 3
+    return tuple(layers._split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
+
+
+def _attention(q, k, v, scale, mask):
+    scores = q @ k.transpose(0, 1, 3, 2) * scale
+    if mask is not None:
+        scores = np.where(mask, -np.inf, scores)
+    return layers._merge_heads(layers.softmax(scores) @ v)
+
+
+def attention_forward_no_mask(qkv, n_head):
+    q, k, v = _heads(qkv, n_head)
+    return _attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]), None), None
+
+
+def attention_forward_no_scale(qkv, n_head):
+    q, k, v = _heads(qkv, n_head)
+    return _attention(q, k, v, 1.0, layers.causal_mask(np, q.shape[2], q.shape[2])), None
+
+
+def attention_backward_no_subtraction(dy, cache):
+    q, k, v, att, mask, scale = cache
+    H = q.shape[1]
+    dyh = layers._split_heads(dy, H)
+    dv = att.transpose(0, 1, 3, 2) @ dyh
+    ds = att * (dyh @ v.transpose(0, 1, 3, 2))       # the row sum is missing
+    dq, dk = ds @ k * scale, ds.transpose(0, 1, 3, 2) @ q * scale
+    return np.concatenate([layers._merge_heads(a) for a in (dq, dk, dv)], axis=-1)
+
+
+def linear_backward_transposed_dw(dout, cache):
+    dx, dw, db = layers.linear_backward(dout, cache)
+    return dx, dw.T, db
+
+
+def linear_backward_db_not_summed(dout, cache):
+    dx, dw, db = layers.linear_backward(dout, cache)
+    return dx, dw, dout.reshape(-1, dout.shape[-1])[0]
+
+
+def gelu_backward_no_product_rule(dout, x):
+    return dout * 0.5 * (1.0 + np.tanh(layers.GELU_K * (x + layers.GELU_A * x ** 3)))
+
+
+def cross_entropy_forward_mean_over_all(logits, targets):
+    loss, cache = layers.cross_entropy_forward(logits, targets)
+    probs, t_safe, valid, n_valid, shape = cache
+    return loss * n_valid / valid.size, cache        # divides by B*T, ignored rows included
+
+
+def cross_entropy_forward_no_max(logits, targets):
+    V = logits.shape[-1]
+    z, t = logits.reshape(-1, V), targets.reshape(-1)
+    valid = t != -1
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))   # exp(1000) overflows
+    loss = -(logp[np.arange(len(t)), np.where(valid, t, 0)] * valid).sum() / valid.sum()
+    return loss, layers.cross_entropy_forward(logits, targets)[1]
+
+
+def cross_entropy_backward_ignored_not_zeroed(dloss, cache):
+    probs, t_safe, valid, n_valid, shape = cache
+    d = probs.copy()
+    d[np.arange(len(d)), t_safe] -= 1.0
+    return (d * (dloss / n_valid)).reshape(shape)
+
+
+def cross_entropy_backward_no_onehot(dloss, cache):
+    probs, t_safe, valid, n_valid, shape = cache
+    return (probs * valid[:, None] * (dloss / n_valid)).reshape(shape)
+
+
+def top_k_drops_ties(logits, k):
+    if not k:
+        return logits
+    out = np.full_like(logits, -1e10)
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    np.put_along_axis(out, top, np.take_along_axis(logits, top, -1), -1)
+    return out
+
+
+def top_k_strict(logits, k):
+    if not k:
+        return logits
+    kth = np.sort(logits, axis=-1)[:, -k][:, None]
+    return np.where(logits <= kth, -1e10, logits)    # drops the k-th itself
+
+
+def top_p_one_too_few(logits, p):
+    desc = -np.sort(-logits, axis=-1)
+    cum = np.cumsum(layers.softmax(desc), axis=-1)
+    n_keep = np.maximum((cum <= p).sum(-1), 1)
+    last = np.take_along_axis(desc, (n_keep - 1)[:, None], -1)
+    return np.where(logits <= last, -1e10, logits)   # "<=": the last kept token is dropped
+
+
+def top_p_keeps_crossing_token(logits, p):
+    desc = -np.sort(-logits, axis=-1)
+    probs = layers.softmax(desc)
+    n_keep = ((np.cumsum(probs, -1) - probs) < p).sum(-1)   # transformers' rule, not GPT-2's
+    last = np.take_along_axis(desc, (n_keep - 1)[:, None], -1)
+    return np.where(logits < last, -1e10, logits)
+
+
+def top_p_no_minimum(logits, p):
+    desc = -np.sort(-logits, axis=-1)
+    n_keep = (np.cumsum(layers.softmax(desc), -1) <= p).sum(-1)   # may be 0
+    out = logits.copy()
+    for r, n in enumerate(n_keep):
+        out[r, np.argsort(-logits[r])[n:]] = -1e10
+    return out
+
+
+def kv_step_attend_before_store(qkv, n_head, k_cache, v_cache, pos):
+    T_new = qkv.shape[1]
+    q, k, v = _heads(qkv, n_head)
+    end = pos + T_new
+    keys, values = k_cache[:, :, :end].copy(), v_cache[:, :, :end].copy()   # before the store
+    k_cache[:, :, pos:end], v_cache[:, :, pos:end] = k, v
+    return _attention(q, keys, values, 1.0 / math.sqrt(q.shape[-1]),
+                      layers.causal_mask(np, T_new, end))
+
+
+def kv_step_no_mask(qkv, n_head, k_cache, v_cache, pos):
+    end = pos + qkv.shape[1]
+    q, k, v = _heads(qkv, n_head)
+    k_cache[:, :, pos:end], v_cache[:, :, pos:end] = k, v
+    return _attention(q, k_cache[:, :, :end], v_cache[:, :, :end], 1.0 / math.sqrt(q.shape[-1]),
+                      None)
+
+
+# ---- the table: grader, the passing arguments, the failing ones ---------------------------------
+
+CASES = {
+    "bpe_train": (E.check_bpe_train, (train_bpe,), {
+        "stub": (stub,),
+        "ties to the largest pair": (lambda w, n: train_bpe(w, n, pick=lambda c: max(
+            c, key=lambda p: (c[p], p))),),
+        "word counts ignored": (lambda w, n: train_bpe(w, n, weighted=False),),
+    }),
+    "bpe_encode": (E.check_bpe_encode, (encode_chunk,), {
+        "stub": (stub,),
+        "leftmost pair instead of lowest rank": (lambda i, r: encode_chunk(i, r, rule="left"),),
+        "one merge only": (lambda i, r: encode_chunk(i, r, once=True),),
+    }),
+    "embedding": (E.check_embedding, (layers.embedding_forward, layers.embedding_backward), {
+        "stub": (layers.embedding_forward, stub),
+        "overwriting instead of adding (dwte[idx] = dx)": (layers.embedding_forward,
+                                                           embedding_backward_overwrite),
+        "fancy-index += (dwte[idx] += dx)": (layers.embedding_forward,
+                                             embedding_backward_plus_equals),
+        "dwpe from one sequence": (layers.embedding_forward, embedding_backward_dwpe_one_row),
+    }),
+    "layernorm": (E.check_layernorm, (layers.layernorm_forward, layers.layernorm_backward), {
+        "stub": (stub, stub),
+        "backward without the mean terms": (layers.layernorm_forward,
+                                            layernorm_backward_no_mean_terms),
+        "unbiased variance": (layernorm_forward_unbiased, layers.layernorm_backward),
+        "float32 promoted to float64": (layernorm_forward_float64_constant,
+                                        layers.layernorm_backward),
+    }),
+    "softmax_backward": (E.check_softmax_backward,
+                         (lambda dp, p: p * (dp - (dp * p).sum(-1, keepdims=True)),), {
+        "stub": (stub,),
+        "without the subtraction": (softmax_backward_no_subtraction,),
+    }),
+    "attention": (E.check_attention, (layers.attention_forward, layers.attention_backward), {
+        "stub": (layers.attention_forward, stub),
+        "no causal mask": (attention_forward_no_mask, layers.attention_backward),
+        "no 1/sqrt(hs) scale": (attention_forward_no_scale, layers.attention_backward),
+        "softmax backward without the subtraction": (layers.attention_forward,
+                                                     attention_backward_no_subtraction),
+    }),
+    "linear_backward": (E.check_linear_backward, (layers.linear_backward,), {
+        "stub": (stub,),
+        "dw transposed": (linear_backward_transposed_dw,),
+        "db not summed over rows": (linear_backward_db_not_summed,),
+    }),
+    "gelu_backward": (E.check_gelu_backward, (layers.gelu_backward,), {
+        "stub": (stub,),
+        "product rule's second term forgotten": (gelu_backward_no_product_rule,),
+    }),
+    "residual_backward": (E.check_residual_backward, (mlp_residual_backward,), {
+        "stub": (stub,),
+        "residual path dropped (dx = branch gradient only)": (
+            lambda d, c: mlp_residual_backward(d, c, residual=False),),
+    }),
+    "cross_entropy": (E.check_cross_entropy,
+                      (layers.cross_entropy_forward, layers.cross_entropy_backward), {
+        "stub": (stub, stub),
+        "mean over ignored positions too": (cross_entropy_forward_mean_over_all,
+                                            layers.cross_entropy_backward),
+        "no max subtraction (overflow)": (cross_entropy_forward_no_max,
+                                          layers.cross_entropy_backward),
+        "ignored rows keep a gradient": (layers.cross_entropy_forward,
+                                         cross_entropy_backward_ignored_not_zeroed),
+        "onehot not subtracted": (layers.cross_entropy_forward, cross_entropy_backward_no_onehot),
+    }),
+    "tied_head": (E.check_tied_head, (tied_lm_backward,), {
+        "stub": (stub,),
+        "LM head's share only": (lambda d, c: tied_lm_backward(d, c, bug="head_only"),),
+        "embedding's share only": (lambda d, c: tied_lm_backward(d, c, bug="embedding_only"),),
+        "head share overwritten by the embedding's": (
+            lambda d, c: tied_lm_backward(d, c, bug="overwrite"),),
+    }),
+    "adamw": (E.check_adamw, (adamw_step,), {
+        "stub": (stub,),
+        "L2 in the gradient instead of decoupled decay": (
+            lambda *a: adamw_step(*a, bug="l2"),),
+        "no bias correction": (lambda *a: adamw_step(*a, bug="no_bias_correction"),),
+        "biases decayed too": (lambda *a: adamw_step(*a, bug="decay_all"),),
+        "eps inside the square root": (lambda *a: adamw_step(*a, bug="eps_inside"),),
+        "a new array instead of an update in place": (
+            lambda *a: adamw_step(*a, bug="not_in_place"),),
+    }),
+    "lr_schedule": (E.check_lr_schedule, (lr_at,), {
+        "stub": (stub,),
+        "warm-up starting at 0": (lambda *a: lr_at(*a, bug="warmup_from_zero"),),
+        "cosine down to 0 instead of min_lr": (lambda *a: lr_at(*a, bug="to_zero"),),
+        "no floor after decay_iters": (lambda *a: lr_at(*a, bug="no_floor"),),
+    }),
+    "top_k": (E.check_top_k, (top_k_logits,), {
+        "stub": (stub,),
+        "ties with the k-th dropped": (top_k_drops_ties,),
+        "the k-th itself dropped (<=)": (top_k_strict,),
+    }),
+    "top_p": (E.check_top_p, (top_p_logits,), {
+        "stub": (stub,),
+        "one token too few": (top_p_one_too_few,),
+        "the crossing token kept (one too many)": (top_p_keeps_crossing_token,),
+        "no minimum of one token": (top_p_no_minimum,),
+    }),
+    "kv_step": (E.check_kv_step, (layers.attention_step,), {
+        "stub": (stub,),
+        "attends before storing the new keys": (kv_step_attend_before_store,),
+        "no causal mask among the new tokens": (kv_step_no_mask,),
+    }),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_grader_passes_the_solution(name, capsys):
+    grader, good, _ = CASES[name]
+    grader(*good)
+    out = capsys.readouterr().out
+    assert "passed" in out and "FAIL" not in out
+
+
+MISTAKES = [(name, bug) for name, (_, _, bugs) in CASES.items() for bug in bugs]
+
+
+@pytest.mark.parametrize("name,bug", MISTAKES, ids=[f"{n}: {b}" for n, b in MISTAKES])
+def test_grader_fails_the_mistake(name, bug, capsys):
+    grader, _, bugs = CASES[name]
+    with pytest.raises(E.ExerciseFailed) as err:
+        grader(*bugs[bug])
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "hint:" in out
+    if bug == "stub":
+        assert "not written yet" in str(err.value)
+
+
+def test_every_exercise_has_a_stub_and_a_mistake():
+    for name, (_, _, bugs) in CASES.items():
+        assert "stub" in bugs and len(bugs) >= 2, name
+
+
+# ---- the learner copies ---------------------------------------------------------------------------
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _make_exercises():
+    spec = importlib.util.spec_from_file_location("make_exercises",
+                                                  NOTEBOOKS / "make_exercises.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learner_copies_are_up_to_date(capsys):
+    pytest.importorskip("nbformat")
+    make = _make_exercises()
+    assert make.main(["--check"]) == 0, capsys.readouterr().err
+    copies = sorted(p.name for p in (NOTEBOOKS / "exercises").glob("*.ipynb"))
+    assert copies == [p.name for p in make.worked_notebooks()]
+    assert len(copies) >= 7                     # notebooks 01-07 hold exercises
+
+
+def test_learner_copy_has_stubs_and_no_outputs_or_solutions():
+    nbformat = pytest.importorskip("nbformat")
+    for path in sorted((NOTEBOOKS / "exercises").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), path.name
+        text = "\n".join(c.source for c in code)
+        assert "### BEGIN SOLUTION" not in text and "NotImplementedError" in text, path.name
+        assert "check_" in text, path.name
+
+
+def test_solution_markers_must_be_paired():
+    make = _make_exercises()
+    with pytest.raises(ValueError, match="never closed"):
+        make.strip_solutions("def f():\n    ### BEGIN SOLUTION\n    return 1\n", "here")
+    assert make.strip_solutions("def f():\n    ### BEGIN SOLUTION\n    return 1\n"
+                                "    ### END SOLUTION\n", "here") == (
+        "def f():\n    # your code here\n    " + make.STUB)
+
+
+@pytest.mark.slow
+def test_run_all_stops_at_the_first_unfinished_exercise(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("MINIGPT2_FAST", "1")
+    path = NOTEBOOKS / "exercises" / "02_embeddings_layernorm.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
+                                     resources={"metadata": {"path": str(path.parent)}})
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as err:
+        client.execute()
+    assert "ExerciseFailed" in str(err.value) and "not written yet" in str(err.value)
+    graded = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("check_")]
+    assert graded[0].outputs and not graded[1].outputs      # stopped at the first grader
