@@ -7,8 +7,8 @@ way the project checks its own code:
 
 - against finite differences in float64 where there is a gradient (``gradcheck``), on inputs
   where every term of the derivative matters (repeated token ids, ignored targets, ...);
-- against the reference implementation (``layers``, ``optim.AdamW``, ``train.lr_at``,
-  ``model.top_k_logits``, ``Tokenizer.train``, ...) and its invariants elsewhere;
+- against the reference implementation (``layers``, ``bpe``, ``optim.AdamW``, ``train.lr_at``,
+  ``model.top_k_logits``, ...) and its invariants elsewhere;
 - on shapes and dtypes: float32 inputs must give float32 outputs.
 
 It prints one line per check that passed; at the first check that fails it prints what was
@@ -116,17 +116,19 @@ def _grad_fd(loss, arr):
 def bpe_words(text: str) -> dict:
     """GPT-2's chunks of ``text``, each as a tuple of byte ids, with how often it occurs.
 
-    The byte ids are the tokenizer's (``tokenizer.gpt2_byte_order``: id i is the byte
-    ``order[i]``), so that merges learned from these words are the tokenizer's merges."""
-    from .tokenizer import count_chunks, gpt2_byte_order
+    The byte ids are the tokenizer's (``pretokenize.gpt2_byte_order``: id i is the byte
+    ``order[i]``), so that merges learned from these words are ``bpe.train``'s merges."""
+    from collections import Counter
+
+    from .pretokenize import gpt2_byte_order, split_chunks
     byte_id = {b: i for i, b in enumerate(gpt2_byte_order())}
     return {tuple(byte_id[b] for b in chunk.encode("utf-8")): n
-            for chunk, n in count_chunks(text).items()}
+            for chunk, n in Counter(split_chunks(text)).items()}
 
 
 def bpe_chunk_ids(chunk: str) -> list[int]:
     """One chunk's bytes as the tokenizer's byte ids (see ``bpe_words``)."""
-    from .tokenizer import gpt2_byte_order
+    from .pretokenize import gpt2_byte_order
     byte_id = {b: i for i, b in enumerate(gpt2_byte_order())}
     return [byte_id[b] for b in chunk.encode("utf-8")]
 
@@ -148,13 +150,13 @@ def check_bpe_train(train_bpe, num_merges: int = 60) -> None:
     words: {tuple of ids: count} (``bpe_words``); merges: the list of pairs (id_a, id_b) in the
     order learned, merge k creating id 256 + k. Rule: count every adjacent pair weighted by its
     word's count; merge the most frequent, ties going to the smallest pair. Compared with the
-    merges ``Tokenizer.train`` learns from the same text."""
-    from .tokenizer import Tokenizer
+    merges the readable reference ``bpe.train`` learns from the same text."""
+    from . import bpe
     gr = _Grader("train_bpe")
     for text, n in ((_BPE_TEXTS[0], 8), (_bpe_grading_text(), num_merges)):
         words = bpe_words(text)
         before = dict(words)
-        want = Tokenizer.train(text, 256 + n).merges
+        want = bpe.train(text, 256 + n)[1]
         got = gr.call(train_bpe, dict(words), n)
         if not isinstance(got, (list, tuple)) or not all(
                 isinstance(p, tuple) and len(p) == 2 for p in got):
@@ -174,16 +176,18 @@ def check_bpe_train(train_bpe, num_merges: int = 60) -> None:
                         "pair, min(pairs, key=lambda p: (-count[p], p)); the new id is 256 + rank")
         if words != before:
             gr.fail("train_bpe changed the words dict it was given", "work on a copy")
-        gr.ok(f"{len(want)} merges on {len(text):,} characters equal Tokenizer.train's")
+        gr.ok(f"{len(want)} merges on {len(text):,} characters equal bpe.train's")
     gr.done()
 
 
 def _pair_counts_at(words, merges):
     """Pair counts after applying ``merges`` (ids 256+k) to ``words``: for the grader's hint."""
     from collections import Counter
+
+    from .bpe import merge
     words = dict(words)
     for k, pair in enumerate(merges):
-        words = {_merge(list(w), pair, 256 + k): n for w, n in words.items()}
+        words = {merge(w, pair, 256 + k): n for w, n in words.items()}
     counts = Counter()
     for w, n in words.items():
         for p in zip(w, w[1:]):
@@ -191,32 +195,25 @@ def _pair_counts_at(words, merges):
     return counts
 
 
-def _merge(ids, pair, new):
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-            out.append(new)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return tuple(out)
-
-
 def check_bpe_encode(encode_chunk) -> None:
     """Grade ``encode_chunk(ids, ranks) -> ids``: ranks maps a pair (id_a, id_b) to its rank r,
     the merge creating id 256 + r. Rule: merge the adjacent pair of lowest rank, repeat until no
-    pair has a rank. Compared with GPT-2's tokenizer (``Tokenizer.gpt2``) chunk by chunk."""
-    from .tokenizer import Tokenizer, count_chunks
+    pair has a rank. Compared chunk by chunk with the readable reference ``bpe.encode_chunk``
+    on GPT-2's vocabulary and merges (``Tokenizer.gpt2``)."""
+    from . import bpe
+    from .pretokenize import split_chunks
+    from .tokenizer import Tokenizer
     gr = _Grader("encode_chunk")
     tok = Tokenizer.gpt2()
     ranks = {pair: r for r, pair in enumerate(tok.merges)}
+    rank_bytes = {(tok.vocab[a], tok.vocab[b]): r for r, (a, b) in enumerate(tok.merges)}
+    token_id = {b: i for i, b in tok.vocab.items()}
     text = ("Hello world! The quick brown fox isn't here, 2019 naïve café 你好 🙂 "
             "aaaaaaaa ------- " + _bpe_grading_text()[:3000])
-    chunks = list(count_chunks(text))
+    chunks = list(dict.fromkeys(split_chunks(text)))       # each distinct chunk once, in order
     for chunk in chunks:
         ids = bpe_chunk_ids(chunk)
-        want = tok.encode_ordinary(chunk)
+        want = [token_id[t] for t in bpe.encode_chunk(chunk.encode("utf-8"), rank_bytes)]
         got = gr.call(encode_chunk, list(ids), ranks)
         got = [int(i) for i in got] if isinstance(got, (list, tuple)) else got
         if got != want:
