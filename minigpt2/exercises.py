@@ -224,7 +224,7 @@ def check_bpe_encode(encode_chunk) -> None:
                     if len(got) == len(want) else
                     "repeat the merging until no adjacent pair is in ranks; the new id of a "
                     "merge of rank r is 256 + r")
-    gr.ok(f"{len(chunks)} chunks encode as GPT-2's tokenizer encodes them")
+    gr.ok(f"{len(chunks)} chunks encode as bpe.encode_chunk encodes them with GPT-2's merges")
     gr.done()
 
 
