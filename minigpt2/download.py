@@ -140,7 +140,8 @@ def _offline(url: str, e: urllib.error.URLError) -> DownloadError:
 
 def hub_listing(hub: str, repo: str, revision: str) -> tuple[str, dict]:
     """The Hub's description of ``repo`` at ``revision``: (the commit it resolves to,
-    {file name: (size in bytes, digest kind "sha256" or "git-sha1", hex digest)})."""
+    {file name: (size in bytes, digest kind "sha256" or "git-sha1", hex digest)}) for the files
+    of FILES the revision has."""
     url = f"{hub.rstrip('/')}/api/models/{repo}/revision/{_quote(revision)}?blobs=true"
     tries = 0
     while True:
@@ -158,9 +159,12 @@ def hub_listing(hub: str, repo: str, revision: str) -> tuple[str, dict]:
     try:
         info = json.loads(body)
         commit = info["sha"]
+        entries = {entry["rfilename"]: entry for entry in info["siblings"]}
         files = {}
-        for entry in info["siblings"]:
-            name = entry["rfilename"]
+        for name in FILES:
+            if name not in entries:
+                continue
+            entry = entries[name]
             if entry.get("lfs"):
                 size, kind, digest = entry["lfs"]["size"], "sha256", entry["lfs"]["sha256"]
             else:

@@ -55,6 +55,7 @@ class FakeHub:
             else:
                 entry["blobId"] = git_blob_sha1(data)
             siblings.append(entry)
+        siblings.append({"rfilename": "onnx/decoder_model.onnx"})   # others: not read
         return {"id": REPO, "sha": self.listed_commit, "siblings": siblings}
 
 
@@ -373,3 +374,10 @@ def test_a_broken_tls_read_is_retried_not_blamed_on_the_disk(tmp_path, monkeypat
                             kind="sha256", digest=hashlib.sha256(data).hexdigest())
     assert (tmp_path / "x.bin").read_bytes() == data
     assert asked == [None, "bytes=100-"]
+
+
+def test_a_revision_without_the_weights_is_named(hub, tmp_path, capsys):
+    del hub.files["model.safetensors"]
+    target = tmp_path / "gpt2"
+    status, _, err = fetch(hub, target, capsys)
+    assert_refused(status, err, target, "has no model.safetensors", COMMIT)
