@@ -20,7 +20,8 @@ import numpy as np
 
 from . import fast_layers, layers
 from .backend import array_module, get_xp, resolve_device, resolve_dtype, upload
-from .config import BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, param_shapes
+from .config import (BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, check_finite, check_params,
+                     param_shapes)
 
 # How a forward and backward compute (the weights in model.params keep the model's dtype):
 #   "float32"  float32 everywhere; on the GPU, matrix multiplies in full float32 (no TF32)
@@ -177,6 +178,9 @@ class GPT:
     ``logits, loss = model.forward(idx, targets)`` then ``grads = model.backward()``.
     ``layers="reference"`` computes with the readable ``layers.py`` instead of the fast set
     (``model.layers`` is the set in use; see LAYER_SETS).
+    ``params=`` gives the weights instead of initialising them: a dict like ``model.params``,
+    with every name and shape of ``config.param_shapes(cfg)``, of one floating-point dtype
+    (cast to ``dtype``) and finite; anything else is refused with the tensor named.
     """
 
     def __init__(self, cfg: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32",
@@ -198,8 +202,15 @@ class GPT:
         self.recompute = bool(recompute)
         self.loss_scale = 2.0 ** 16 if precision == "float16" else 1.0
         self.on_block = None   # called with no arguments after each block's forward and backward
-        host = params if params is not None else init_params(cfg, seed, self.dtype)
-        self.params = {name: self.xp.array(p, dtype=self.dtype) for name, p in host.items()}
+        if params is None:
+            host = init_params(cfg, seed, self.dtype)
+        else:   # names, shapes and dtypes as the config lays them out; then no NaN or inf
+            check_params(cfg, params, f"GPT(params=...) does not match {cfg}")
+            host = {name: params[name] for name in param_shapes(cfg)}
+        with np.errstate(over="ignore"):   # a value too large for dtype is refused just below
+            self.params = {name: self.xp.array(p, dtype=self.dtype) for name, p in host.items()}
+        if params is not None:   # after the cast: a float64 1e300 is inf in float32
+            check_finite(self.params, "GPT(params=...)")
         self.training = True
         self.dropout_rng = self._make_rng(seed)
         self._cache = None

@@ -64,6 +64,76 @@ def sharp_model():
     return m.eval()
 
 
+# --- 7: temperatures near 0, settings that are not numbers, weights that are not finite ---------
+
+def test_nan_weights_are_refused_at_load_naming_the_tensor(folder):
+    def poison(t):
+        t["transformer.h.1.ln_2.weight"][3] = np.nan
+    edit_tensors(folder, poison)
+    with pytest.raises(ValueError, match=r"h\.1\.ln_2\.weight holds 1 non-finite value"):
+        GPT.from_pretrained(folder)
+    r = run_cli("sample", folder, "--max-new-tokens", "5")
+    one_line_error(r, str(folder), "h.1.ln_2.weight", "NaN or inf")
+    assert r.stdout == ""
+
+
+def test_inf_weights_are_refused_by_gpt_and_by_the_cast_to_the_models_dtype():
+    params = {k: v.copy() for k, v in GPT(CFG, seed=0).params.items()}
+    params["wpe.weight"][0, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"wpe\.weight holds 1 non-finite"):
+        GPT(CFG, params=params)
+    params = {k: v.astype(np.float64) for k, v in GPT(CFG, seed=0).params.items()}
+    params["h.0.attn.c_proj.bias"][1] = 1e300                  # finite in float64 only
+    GPT(CFG, params=params, dtype="float64")
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_proj\.bias holds 1 non-finite"):
+        GPT(CFG, params=params, dtype="float32")
+
+
+# --- 8: GPT(cfg, params=...) holds the weights to the config's layout --------------------------
+
+def good_params():
+    return {k: v.copy() for k, v in GPT(CFG, seed=1).params.items()}
+
+
+def with_change(name, value):
+    params = good_params()
+    if value is None:
+        del params[name]
+    else:
+        params[name] = value
+    return params
+
+
+@pytest.mark.parametrize("params, message", [
+    (with_change("h.0.ln_1.bias", np.zeros(1, np.float32)),
+     "wrong shape h.0.ln_1.bias (1,) (expected (8,))"),
+    (with_change("wte.weight", np.zeros((15, 8, 1), np.float32)),
+     "wrong shape wte.weight (15, 8, 1) (expected (15, 8))"),
+    (with_change("h.1.mlp.c_fc.bias", None), "missing h.1.mlp.c_fc.bias"),
+    (with_change("h.2.ln_1.weight", np.ones(8, np.float32)), "unexpected h.2.ln_1.weight"),
+    (with_change("ln_f.weight", np.ones(8, np.int64)), "not floating-point ln_f.weight (int64)"),
+    (with_change("ln_f.bias", np.zeros(8, np.float64)),
+     "mixed dtypes float32 (wte.weight and 26 more), float64 (ln_f.bias)"),
+    (with_change("ln_f.bias", [0.0] * 8), "not an array ln_f.bias (list)"),
+])
+def test_params_that_do_not_fit_the_config_are_refused(params, message):
+    with pytest.raises(ValueError) as e:
+        GPT(CFG, params=params)
+    assert message in str(e.value) and "GPT(params=...) does not match" in str(e.value)
+
+
+def test_params_of_the_config_are_taken_as_they_are():
+    params = good_params()
+    model = GPT(CFG, params=params)
+    assert list(model.params) == list(param_shapes(CFG))
+    for name, p in params.items():
+        np.testing.assert_array_equal(model.params[name], p)
+    half = {k: v.astype(np.float16) for k, v in params.items()}   # one dtype, cast to the model's
+    assert GPT(CFG, params=half).params["wte.weight"].dtype == np.float32
+    with pytest.raises(ValueError, match="params must be a dict"):
+        GPT(CFG, params=list(params.values()))
+
+
 # --- 9: token ids a BPE vocabulary does not have; a tokenizer smaller than the model -----------
 
 @pytest.fixture(scope="module")
@@ -98,3 +168,96 @@ def test_bpe_decode_of_valid_ids(bpe):
                  [np.int64(i) for i in ids], iter(ids)):
         assert bpe.decode(form) == "hello world<|endoftext|>"
     assert bpe.decode([]) == ""
+
+
+# --- 11: JSON that parses but has the wrong structure -------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    ([1, 2, 3], "must hold a JSON object of GPT2Config's fields"),
+    ("gpt2", "got a JSON string"),
+    ({"n_layer": 2, "n_head": 2}, "missing required field(s) n_embd, vocab_size"),
+    ({"n_layer": "2", "n_head": 2, "n_embd": 8, "vocab_size": 15},
+     "n_layer must be a positive integer, got '2'"),
+    ({"n_layer": 2, "n_head": 2, "n_embd": 8.0, "vocab_size": 15, "n_inner": 32},
+     "n_embd must be a positive integer, got 8.0"),
+    ({"n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": 15, "n_positions": None},
+     "n_positions must be a positive integer, got None"),
+    ({"n_layer": 2, "n_head": 2, "n_embd": 8, "vocab_size": True},
+     "vocab_size must be a positive integer, got True"),
+])
+def test_config_json_of_the_wrong_structure_is_one_line(folder, capsys, content, message):
+    (folder / "config.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained(folder)
+    assert message in str(e.value) and "config.json" in str(e.value)
+    one_line_error(cli(capsys, "sample", folder), "config.json", message)
+
+
+def test_config_json_that_is_not_utf8_names_the_file(folder, capsys):
+    (folder / "config.json").write_bytes(b"\xff\xfe{}")
+    one_line_error(cli(capsys, "sample", folder), "config.json", "not UTF-8")
+
+
+def shard(folder, shard_names=None):
+    """Split the folder's model.safetensors into two shards + model.safetensors.index.json;
+    ``shard_names`` replaces the file names the index gives (the files keep theirs)."""
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    files = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    weight_map = {}
+    for part, file in zip((names[:10], names[10:]), files):
+        save_file({n: tensors[n] for n in part}, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    if shard_names is not None:
+        weight_map = {n: shard_names.get(f, f) for n, f in weight_map.items()}
+    write_index(folder, {"metadata": {}, "weight_map": weight_map})
+    return weight_map
+
+
+def write_index(folder, content):
+    (folder / "model.safetensors.index.json").write_text(json.dumps(content))
+
+
+def test_sharded_folder_loads(folder):
+    before = GPT.from_pretrained(folder)
+    shard(folder)
+    after = GPT.from_pretrained(folder)
+    for name, p in before.params.items():
+        np.testing.assert_array_equal(after.params[name], p)
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], "expected a JSON object with a \"weight_map\" object"),
+    ({"metadata": {}}, "got no weight_map"),
+    ({"weight_map": ["model-00001-of-00002.safetensors"]},
+     "got a weight_map that is a JSON array"),
+    ({"weight_map": {"transformer.wte.weight": 5}},
+     "weight_map['transformer.wte.weight'] must be a shard file name (a string), got 5"),
+    ({"weight_map": {"transformer.wte.weight": None}}, "got None"),
+    ({"weight_map": {}}, "its weight_map lists no tensors"),
+])
+def test_index_of_the_wrong_structure_is_one_line(folder, capsys, content, message):
+    shard(folder)
+    write_index(folder, content)
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained(folder)
+    assert message in str(e.value)
+    one_line_error(cli(capsys, "sample", folder), "model.safetensors.index.json", message)
+
+
+# --- 12: shard names that lead out of the folder ------------------------------------------------
+
+FIRST = "model-00001-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("name", ["../other/" + FIRST, "{other}/" + FIRST, "sub/" + FIRST,
+                                  "sub\\" + FIRST, "C:" + FIRST, "..", ".", ""])
+def test_shard_names_outside_the_folder_are_refused(folder, tmp_path, capsys, name):
+    other = tmp_path / "other"                 # another model, whose shard must not be read
+    GPT(CFG, seed=5).save_pretrained(other)
+    shard(other)
+    shard(folder, {FIRST: name.format(other=other)})
+    with pytest.raises(ValueError, match="not a plain file name"):
+        GPT.from_pretrained(folder)
+    one_line_error(cli(capsys, "sample", folder), "not a plain file name")
