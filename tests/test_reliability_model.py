@@ -66,6 +66,50 @@ def sharp_model():
 
 # --- 7: temperatures near 0, settings that are not numbers, weights that are not finite ---------
 
+def test_tiny_temperature_is_the_greedy_limit():
+    logits = np.array([[1.0, 3.0, 2.0, 0.0], [5.0, -1.0, 4.9, 5.0]], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for t in (1e-300, 5e-324, 1e-30):
+        draws = np.stack([sample_next(logits, t, None, None, rng) for _ in range(400)])
+        assert set(draws[:, 0]) == {1}                     # the argmax, not token 0
+        # a tie at the top is shared: the softmax's limit is uniform over the maxima
+        assert set(draws[:, 1]) == {0, 3} and 120 < (draws[:, 1] == 0).sum() < 280
+        for k, p in ((2, None), (None, 0.5), (3, 0.9)):
+            assert sample_next(logits, t, k, p, rng)[0] == 1
+
+
+def test_generate_at_tiny_temperatures_equals_greedy(sharp_model):
+    prompt = np.array([[1, 2, 3]])
+    greedy = sharp_model.generate(prompt, 15, temperature=0)
+    for t in (1e-300, 5e-324):
+        np.testing.assert_array_equal(sharp_model.generate(prompt, 15, temperature=t, seed=1),
+                                      greedy)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature="0.8"), "temperature must be a finite number >= 0"),
+    (dict(top_p=float("nan")), "top_p must be None or a number in (0, 1]"),
+    (dict(top_p=float("inf")), "top_p must be None or a number in (0, 1]"),
+    (dict(top_k=-1), "top_k must be None or an integer >= 0"),
+    (dict(top_k=2.5), "top_k must be None or an integer >= 0"),
+])
+def test_settings_that_are_not_finite_or_negative_are_refused(sharp_model, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        sharp_model.generate([[1, 2]], 2, **kwargs)
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--temperature", "inf"),
+                                         ("--temperature", "-1"), ("--top-p", "nan"),
+                                         ("--top-k", "-5")])
+def test_sample_refuses_bad_settings_in_one_line_before_loading(tmp_path, capsys, flag, value):
+    # the folder does not exist: the setting is what is reported, so it is checked first
+    r = cli(capsys, "sample", tmp_path / "no_model", flag, value)
+    one_line_error(r, flag.lstrip("-").replace("-", "_"), value)
+
+
 def test_nan_weights_are_refused_at_load_naming_the_tensor(folder):
     def poison(t):
         t["transformer.h.1.ln_2.weight"][3] = np.nan
@@ -87,6 +131,14 @@ def test_inf_weights_are_refused_by_gpt_and_by_the_cast_to_the_models_dtype():
     GPT(CFG, params=params, dtype="float64")
     with pytest.raises(ValueError, match=r"h\.0\.attn\.c_proj\.bias holds 1 non-finite"):
         GPT(CFG, params=params, dtype="float32")
+
+
+def test_weights_that_overflow_to_non_finite_logits_stop_sampling(sharp_model):
+    params = {k: v.copy() for k, v in sharp_model.params.items()}
+    params["ln_f.bias"][:] = 1e308                               # finite, but h @ wte^T is not
+    model = GPT(sharp_model.config, params=params, dtype="float64").eval()
+    with pytest.raises(ValueError, match="logits at position 2 are not finite"):
+        model.generate([[1, 2]], 5, temperature=0.8, seed=0)
 
 
 # --- 8: GPT(cfg, params=...) holds the weights to the config's layout --------------------------
@@ -168,6 +220,24 @@ def test_bpe_decode_of_valid_ids(bpe):
                  [np.int64(i) for i in ids], iter(ids)):
         assert bpe.decode(form) == "hello world<|endoftext|>"
     assert bpe.decode([]) == ""
+
+
+def test_a_model_larger_than_its_tokenizer_samples_only_the_tokenizers_ids(folder, capsys):
+    # the model has 15 ids, the tokenizer 5: a padded vocabulary (as GPT-2's 50,257 in 50,304)
+    CharTokenizer(list("abcd ")).save(folder)
+    r = cli(capsys, "sample", folder, "--prompt", "ab", "--max-new-tokens", "300",
+                "--temperature", "2.0", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout[:-1]
+    assert len(text) == 302 and set(text) <= set("abcd ") and len(set(text)) == 5
+    model = GPT.from_pretrained(folder).eval()
+    out = model.generate([[0, 1]], 300, temperature=2.0, seed=0, vocab_size=5)
+    assert out.max() == 4
+    assert model.generate([[0, 1]], 300, temperature=2.0, seed=0).max() > 4   # without the limit
+    with pytest.raises(ValueError, match="top_k = 6 exceeds the vocabulary size 5"):
+        model.generate([[0, 1]], 3, top_k=6, vocab_size=5)
+    with pytest.raises(ValueError, match="vocab_size must be None or an integer from 1 to"):
+        model.generate([[0, 1]], 3, vocab_size=16)
 
 
 # --- 11: JSON that parses but has the wrong structure -------------------------------------------
@@ -261,3 +331,39 @@ def test_shard_names_outside_the_folder_are_refused(folder, tmp_path, capsys, na
     with pytest.raises(ValueError, match="not a plain file name"):
         GPT.from_pretrained(folder)
     one_line_error(cli(capsys, "sample", folder), "not a plain file name")
+
+
+# --- 15: generation past the block size costs the same per token --------------------------------
+
+def test_generation_past_the_block_writes_one_buffer_with_full_block_forwards(sharp_model):
+    """Past block_size each token is one forward of exactly block_size positions, read from the
+    one output array (allocated once, never regrown), and the tokens are those of recomputing
+    the cropped context from scratch each step with the same random numbers."""
+    model, T_max = sharp_model, sharp_model.config.block_size
+    prompt, n_new = np.array([[1, 2, 3], [4, 4, 16]]), 40
+    calls = []
+    step = model._forward_step
+
+    def recording_step(idx, kv, pos):
+        calls.append(idx)
+        return step(idx, kv, pos)
+
+    model._forward_step = recording_step
+    try:
+        out = model.generate(prompt, n_new, temperature=0.9, top_k=8, top_p=0.95, seed=4)
+    finally:
+        del model._forward_step
+    assert out.shape == (2, 3 + n_new) and len(calls) == n_new
+    lengths = [c.shape[1] for c in calls]
+    assert lengths[0] == 3 and max(lengths) <= T_max
+    past = [n for n in range(3, 3 + n_new) if n > T_max]        # the context exceeds the block
+    assert [lengths[n - 3] for n in past] == [T_max] * len(past)
+    assert all(np.shares_memory(c, out) for c in calls)        # every step read the one buffer
+
+    rng, ref = np.random.default_rng(4), prompt.copy()
+    for _ in range(n_new):
+        logits, _ = model.forward(ref[:, -T_max:])
+        nxt = sample_next(logits[:, -1], 0.9, 8, 0.95, rng)
+        ref = np.concatenate([ref, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(out, ref)
+    assert len(np.unique(out[:, 3:])) > 4
