@@ -131,8 +131,8 @@ def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not a {what}: not UTF-8 text ({e.reason} at byte "
-                         f"{e.start})") from None
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), so not a "
+                         f"{what}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
 
@@ -216,7 +216,7 @@ def read_config(directory) -> GPTConfig:
     config_path = directory / CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a model folder needs config.json")
-    return config_from_hf(_read_json(config_path, "config.json"), source=str(config_path))
+    return config_from_hf(_read_json(config_path, "GPT-2 config"), source=str(config_path))
 
 
 def load_pretrained(directory) -> tuple[GPTConfig, dict]:

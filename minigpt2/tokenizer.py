@@ -333,10 +333,12 @@ class Tokenizer:
         (a negative id, which would index from the end, a float, an id the vocabulary lacks)
         raises ValueError naming the id and its position.
         """
+        non_negative = False                    # known without looking at each id
         if hasattr(ids, "dtype") and hasattr(ids, "tolist"):   # NumPy or CuPy array
             if ids.ndim != 1 or ids.dtype.kind not in "iu":
                 raise ValueError(f"decode takes a 1-D sequence of integer token ids, got an "
                                  f"array of shape {tuple(ids.shape)} and dtype {ids.dtype}")
+            non_negative = ids.dtype.kind == "u" or ids.size == 0 or bool(ids.min() >= 0)
             ids = ids.tolist()                  # -> Python ints
         elif not isinstance(ids, (list, tuple)):
             try:
@@ -344,11 +346,12 @@ class Tokenizer:
             except TypeError:
                 raise ValueError(f"decode takes a sequence of token ids, got "
                                  f"{type(ids).__name__}") from None
-        # The common case costs one list lookup per id and one min(): a float, an id past the
-        # end or a missing token (None) fails the join; only a negative id gets through it.
+        # One list lookup per id: a float, an id past the end or one no token has (None) fails
+        # the join; only a negative id (which would index from the end) gets through it, and
+        # is caught by the array's min above or by min() over a list.
         try:
             data = b"".join(map(self._decode_table.__getitem__, ids))
-            if not ids or min(ids) >= 0:
+            if non_negative or not ids or min(ids) >= 0:
                 return data
         except (IndexError, TypeError):
             pass
