@@ -197,6 +197,7 @@ def bpe():
 @pytest.mark.parametrize("ids, message", [
     ([-1], "token id -1 at position 0 is not in this vocabulary"),
     ([5, -269], "token id -269 at position 1 is not in this vocabulary"),
+    (np.array([3, -1]), "token id -1 at position 1 is not in this vocabulary"),
     ([1.0], "token id 1.0 at position 0 is not an integer"),
     ([1.9], "token id 1.9 at position 0 is not an integer"),
     ([np.float64(3.0)], "is not an integer"),
