@@ -186,7 +186,10 @@ def load_model_folder(directory, device="cpu", dtype="float32"):
     ``directory`` is a ``train`` run folder (its best/ model when present) or any Hugging Face
     GPT-2 folder. The tokenizer is the one saved beside the model (chars.json, or vocab.json +
     merges.txt), else GPT-2's own vocabulary; one with more tokens than the model's vocabulary is
-    refused. It lives here, beside the run-folder layout it reads (best/, the tokenizer files next
+    refused. One with fewer is accepted (a model's vocabulary may be padded, as GPT-2's 50,257
+    tokens to 50,304): generate with ``vocab_size=`` the tokenizer's so that every id drawn
+    decodes. The weights are checked on the way in (``hf.load_pretrained``: names, shapes, one
+    floating-point dtype, no NaN or inf). It lives here, beside the run-folder layout it reads (best/, the tokenizer files next
     to the model), which the Hugging Face format alone (hf.py) does not know.
     """
     folder, _ = resolve_model_dir(directory)

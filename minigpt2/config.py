@@ -1,11 +1,16 @@
 """GPTConfig: the handful of numbers that define a GPT-2, the paper's four sizes, and the
-parameter layout they imply (every tensor's name and shape: ``BLOCK_PARAMS``, ``param_shapes``)."""
+parameter layout they imply (every tensor's name and shape: ``BLOCK_PARAMS``, ``param_shapes``;
+``check_params`` holds a dict of weights to it, ``check_finite`` looks at their values)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import array_module
 
 # The four models of the paper (Table 2). The paper names them 117M, 345M, 762M and 1542M; the
 # exact counts (every tensor once, wte shared with the LM head) are those of the released weights.
@@ -110,3 +115,74 @@ def param_shapes(cfg: GPTConfig) -> dict:
     shapes["ln_f.weight"] = (C,)
     shapes["ln_f.bias"] = (C,)
     return shapes
+
+
+def check_params(cfg: GPTConfig, params, source: str = "params") -> None:
+    """Raise ValueError unless ``params`` has exactly the names and shapes of
+    ``param_shapes(cfg)``, each a NumPy or CuPy array of a floating-point dtype, all of one dtype.
+
+    Every problem is named in one line, prefixed by ``source``: missing and unexpected names,
+    wrong shapes (got and expected), arrays that are not arrays, not floating-point, or of a
+    dtype other than the rest. A shape that merely broadcasts (an ``ln_1.bias`` of shape (1,))
+    is wrong all the same: the forward would run and compute something else.
+    """
+    if not isinstance(params, dict):
+        raise ValueError(f"{source}: params must be a dict of name -> array, got "
+                         f"{type(params).__name__}")
+    expected = param_shapes(cfg)
+    missing = [n for n in expected if n not in params]
+    unexpected = [str(n) for n in params if n not in expected]
+    not_arrays, misshaped, not_float, dtypes = [], [], [], {}
+    for name in expected:
+        if name not in params:
+            continue
+        p = params[name]
+        shape, dtype = getattr(p, "shape", None), getattr(p, "dtype", None)
+        if not isinstance(shape, tuple) or dtype is None:
+            not_arrays.append(f"{name} ({type(p).__name__})")
+            continue
+        if tuple(shape) != expected[name]:
+            misshaped.append(f"{name} {tuple(shape)} (expected {expected[name]})")
+        if dtype.kind != "f":
+            not_float.append(f"{name} ({dtype})")
+        else:
+            dtypes.setdefault(str(dtype), []).append(name)
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(unexpected))
+    if not_arrays:
+        problems.append("not an array " + ", ".join(not_arrays))
+    if misshaped:
+        problems.append("wrong shape " + ", ".join(misshaped))
+    if not_float:
+        problems.append("not floating-point " + ", ".join(not_float))
+    if len(dtypes) > 1:
+        def first(names):
+            return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+        problems.append("mixed dtypes " + ", ".join(f"{d} ({first(names)})"
+                                                    for d, names in dtypes.items())
+                        + ": convert them to one dtype")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def check_finite(params: dict, source: str = "params") -> None:
+    """Raise ValueError naming the first tensor of ``params`` that holds NaN or inf.
+
+    Such weights make every logit NaN, and sampling would print one token forever. Each tensor
+    is screened by its sum (one pass, no temporary array; non-finite if any element is, or if
+    the sum overflows) and only a tensor that fails is counted element by element, so a sum
+    that merely overflows is not taken for damage.
+    """
+    for name, p in params.items():
+        xp = array_module(p)
+        with np.errstate(over="ignore"):      # an overflowing sum is looked into below
+            if bool(xp.isfinite(p.sum())):
+                continue
+        bad = int(p.size - xp.isfinite(p).sum())
+        if bad:
+            raise ValueError(f"{source}: {name} holds {bad} non-finite value(s) (NaN or inf) "
+                             f"among its {p.size}; the weights are damaged (a run that diverged "
+                             "saves them so): load an earlier checkpoint")

@@ -143,30 +143,26 @@ def _flash(qkv, n_head, dropout_p, rng) -> bool:
                                                                 qkv.shape[-1] // (3 * n_head))
 
 
-def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
-    """Causal attention: the flash kernels where they apply, else the stored form."""
-    if _flash(qkv, n_head, dropout_p, rng):
-        return flash_kernels.attention_forward(qkv, n_head)
-    return attention_forward_stored(qkv, n_head, dropout_p, rng)
+def _flash_or(stored_forward, stored_backward):
+    """The attention pair that runs the flash kernels where they apply and the given stored
+    forms elsewhere; the backward follows the forward's choice (the type of its cache)."""
+    def forward(qkv, n_head, dropout_p=0.0, rng=None):
+        if _flash(qkv, n_head, dropout_p, rng):
+            return flash_kernels.attention_forward(qkv, n_head)
+        return stored_forward(qkv, n_head, dropout_p, rng)
+
+    def backward(dy, cache):
+        if isinstance(cache, flash_kernels.FlashCache):
+            return flash_kernels.attention_backward(dy, cache)
+        return stored_backward(dy, cache)
+
+    return forward, backward
 
 
-def attention_backward(dy, cache):
-    """The backward matching ``attention_forward``'s choice."""
-    if isinstance(cache, flash_kernels.FlashCache):
-        return flash_kernels.attention_backward(dy, cache)
-    return attention_backward_stored(dy, cache)
-
-
-def _attention_forward_float16(qkv, n_head, dropout_p=0.0, rng=None):
-    if _flash(qkv, n_head, dropout_p, rng):
-        return flash_kernels.attention_forward(qkv, n_head)
-    return _attention_forward_stored_float16(qkv, n_head, dropout_p, rng)
-
-
-def _attention_backward_float16(dy, cache):
-    if isinstance(cache, flash_kernels.FlashCache):
-        return flash_kernels.attention_backward(dy, cache)
-    return _attention_backward_stored_float16(dy, cache)
+attention_forward, attention_backward = _flash_or(attention_forward_stored,
+                                                  attention_backward_stored)
+_attention_forward_float16, _attention_backward_float16 = _flash_or(
+    _attention_forward_stored_float16, _attention_backward_stored_float16)
 
 
 FLOAT16 = SimpleNamespace(

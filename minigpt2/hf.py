@@ -16,12 +16,12 @@ and is not stored separately here. Old checkpoints also carry ``h.N.attn.bias`` 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
 from .backend import to_numpy
-from .config import LAYER_NORM_EPS, GPTConfig, param_shapes
+from .config import LAYER_NORM_EPS, GPTConfig, check_finite, check_params, param_shapes
 from .files import write_atomic
 
 CONFIG = "config.json"
@@ -38,15 +38,25 @@ def config_from_hf(hf: dict, source: str = CONFIG) -> GPTConfig:
     is not. ``source`` names the file in error messages.
 
     Only settings minigpt2 computes exactly are accepted; anything else raises ValueError
-    naming the field, so a model is never silently loaded with different math.
+    naming the field, so a model is never silently loaded with different math. JSON of another
+    shape (a list, a size given as a string) is refused the same way.
     """
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source} must hold a JSON object of GPT2Config's fields "
+                         f'({{"n_layer": 12, ...}}), got a JSON {_json_type(hf)}')
     model_type = hf.get("model_type", "gpt2")
     if model_type != "gpt2":
         raise ValueError(f"{source}: model_type is {model_type!r}; minigpt2 loads only 'gpt2'")
     missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
     if missing:
         raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
-    block_size = hf.get("n_positions", hf.get("n_ctx", 1024))
+    # the context length is n_positions, else the older n_ctx, else GPT-2's 1024
+    block_field = [k for k in ("n_positions", "n_ctx") if k in hf][:1]
+    for field in ["n_layer", "n_head", "n_embd", "vocab_size"] + block_field:
+        value = hf[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: {field} must be a positive integer, got {value!r}")
+    block_size = hf[block_field[0]] if block_field else 1024
 
     def refuse(field, value, expected):
         raise ValueError(
@@ -109,6 +119,24 @@ def config_to_hf(cfg: GPTConfig) -> dict:
     }
 
 
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages ("array", not "list")."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _read_json(path: Path, what: str):
+    """A JSON file's value; ValueError naming the file when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), so not a "
+                         f"{what}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 # --- safetensors: the tensors, whole or in shards -------------------------------------------
 
 def _read_safetensors(path: Path) -> dict:
@@ -126,15 +154,45 @@ def _read_safetensors(path: Path) -> dict:
     return tensors
 
 
+def _read_index(index: Path) -> dict:
+    """The ``weight_map`` of a model.safetensors.index.json (tensor name -> shard file name),
+    checked: a JSON object whose values are plain file names in the index's own folder.
+
+    A name with a path separator, a drive, "." or ".." would make loading read another
+    folder's weights (``"../other/model.safetensors"``, ``"/tmp/x.safetensors"``); such an
+    index is refused. A plain name that is a symbolic link is followed: the Hugging Face cache
+    links each file of a snapshot folder to its blob, and the link, unlike the name in the
+    index, is put there by whoever made the folder.
+    """
+    content = _read_json(index, "safetensors index")
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        got = (f"a JSON {_json_type(content)}" if not isinstance(content, dict) else
+               "no weight_map" if "weight_map" not in content else
+               f"a weight_map that is a JSON {_json_type(weight_map)}")
+        raise ValueError(f"{index}: not a safetensors index: expected a JSON object with a "
+                         f'"weight_map" object of tensor name -> shard file name, got {got}')
+    if not weight_map:
+        raise ValueError(f"{index}: its weight_map lists no tensors")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ValueError(f"{index}: weight_map[{name!r}] must be a shard file name (a "
+                             f"string), got {shard!r}")
+        plain = (shard not in ("", ".", "..") and "\0" not in shard
+                 and PurePosixPath(shard).name == shard == PureWindowsPath(shard).name)
+        if not plain:
+            raise ValueError(f"{index}: weight_map[{name!r}] names {shard!r}, which is not a "
+                             "plain file name; shards must lie beside the index (a path could "
+                             "load another folder's weights)")
+    return weight_map
+
+
 def _read_weights(directory: Path) -> dict:
     single, index = directory / WEIGHTS, directory / INDEX
     if single.is_file():
         return _read_safetensors(single)
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        weight_map = _read_index(index)
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             tensors.update(_read_safetensors(directory / shard))
@@ -158,18 +216,15 @@ def read_config(directory) -> GPTConfig:
     config_path = directory / CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a model folder needs config.json")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-    return config_from_hf(hf_config, source=str(config_path))
+    return config_from_hf(_read_json(config_path, "GPT-2 config"), source=str(config_path))
 
 
 def load_pretrained(directory) -> tuple[GPTConfig, dict]:
     """Read a Hugging Face GPT-2 folder. Returns (config, params as host NumPy arrays).
 
-    Refuses, naming them: configs that are not exactly GPT-2, and missing, unexpected or
-    mis-shaped tensors.
+    Refuses, naming them: configs that are not exactly GPT-2; missing, unexpected or
+    mis-shaped tensors, tensors not of one floating-point dtype (``config.check_params``), and
+    tensors holding NaN or inf (``config.check_finite``).
     """
     directory = Path(directory)
     cfg = read_config(directory)
@@ -184,24 +239,12 @@ def load_pretrained(directory) -> tuple[GPTConfig, dict]:
             continue
         tensors[name] = value
 
-    expected = param_shapes(cfg)
-    missing = [n for n in expected if n not in tensors]
-    unexpected = [n for n in tensors if n not in expected]
-    misshaped = [f"{n} {tuple(tensors[n].shape)} (expected {expected[n]})"
-                 for n in expected if n in tensors and tuple(tensors[n].shape) != expected[n]]
-    problems = []
-    if missing:
-        problems.append("missing " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected " + ", ".join(unexpected))
-    if misshaped:
-        problems.append("wrong shape " + ", ".join(misshaped))
-    if problems:
-        raise ValueError(f"{directory}: weights do not match config.json: " + "; ".join(problems))
+    check_params(cfg, tensors, f"{directory}: weights do not match config.json")
+    check_finite(tensors, str(directory))
     if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
         raise ValueError(f"{directory}: lm_head.weight differs from wte.weight; minigpt2's LM head "
                          "is tied to the token embedding (as GPT-2's is) and cannot hold both")
-    return cfg, {name: tensors[name] for name in expected}
+    return cfg, {name: tensors[name] for name in param_shapes(cfg)}
 
 
 def save_pretrained(model, directory) -> None:

@@ -15,12 +15,14 @@ GPT-2 (§2.3 of the paper) is GPT-1's decoder with LayerNorm moved to the input 
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
 from . import fast_layers, layers
 from .backend import array_module, get_xp, resolve_device, resolve_dtype, upload
-from .config import BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, param_shapes
+from .config import (BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, check_finite, check_params,
+                     param_shapes)
 
 # How a forward and backward compute (the weights in model.params keep the model's dtype):
 #   "float32"  float32 everywhere; on the GPU, matrix multiplies in full float32 (no TF32)
@@ -148,18 +150,43 @@ def top_p_logits(logits, p):
     return xp.where(logits < threshold, -1e10, logits)
 
 
+def check_sampling(temperature, top_k=None, top_p=None) -> None:
+    """Raise ValueError unless the sampling settings are ones ``generate`` can honour:
+    temperature a finite number >= 0 (0 is greedy), top_k None or an integer >= 0 (0 is off),
+    top_p None or a number in (0, 1]. NaN and inf are refused: NaN compares false with every
+    bound and inf would make every token equally likely, neither what was asked."""
+    def real(x):
+        return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+    if not real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got "
+                         f"{temperature!r}")
+    if top_k is not None and (isinstance(top_k, (bool, np.bool_))
+                              or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 is off), got {top_k!r}")
+    if top_p is not None and (not real(top_p) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
 def sample_next(logits, temperature, top_k, top_p, rng):
     """Pick the next token of each row. logits (B, V) -> ids (B,), on the logits' device.
 
     temperature 0 is greedy (argmax). Otherwise logits / temperature, then top-k, then top-p,
     then a draw from the softmax. The uniform numbers come from ``rng`` (a NumPy Generator on the
     host), so a seed samples the same tokens on CPU and GPU up to rounding of the probabilities.
+
+    The division is done as (logits - row max) / temperature in float64: the same softmax,
+    but every value is <= 0, so a tiny temperature sends the others to -inf (probability 0)
+    instead of overflowing to inf - inf = NaN. As temperature -> 0 the draw becomes the argmax
+    (a tie at the top shared evenly), the limit of the softmax, at any temperature however small.
     """
     xp = array_module(logits)
     if temperature == 0:
         return logits.argmax(axis=-1)
-    logits = top_p_logits(top_k_logits(logits / temperature, top_k), top_p)
-    cdf = xp.cumsum(layers.softmax(logits.astype(np.float64)), axis=-1)   # (B, V)
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):   # -x / tiny temperature -> -inf is the point
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature               # (B, V), <= 0
+    z = top_p_logits(top_k_logits(z, top_k), top_p)
+    cdf = xp.cumsum(layers.softmax(z), axis=-1)                             # (B, V)
     u = xp.asarray(rng.random(logits.shape[0]))[:, None] * cdf[:, -1:]
     ids = (cdf < u).sum(axis=-1)
     return xp.minimum(ids, logits.shape[-1] - 1)
@@ -177,6 +204,9 @@ class GPT:
     ``logits, loss = model.forward(idx, targets)`` then ``grads = model.backward()``.
     ``layers="reference"`` computes with the readable ``layers.py`` instead of the fast set
     (``model.layers`` is the set in use; see LAYER_SETS).
+    ``params=`` gives the weights instead of initialising them: a dict like ``model.params``,
+    with every name and shape of ``config.param_shapes(cfg)``, of one floating-point dtype
+    (cast to ``dtype``) and finite; anything else is refused with the tensor named.
     """
 
     def __init__(self, cfg: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32",
@@ -198,8 +228,15 @@ class GPT:
         self.recompute = bool(recompute)
         self.loss_scale = 2.0 ** 16 if precision == "float16" else 1.0
         self.on_block = None   # called with no arguments after each block's forward and backward
-        host = params if params is not None else init_params(cfg, seed, self.dtype)
-        self.params = {name: self.xp.array(p, dtype=self.dtype) for name, p in host.items()}
+        if params is None:
+            host = init_params(cfg, seed, self.dtype)
+        else:   # names, shapes and dtypes as the config lays them out; then no NaN or inf
+            check_params(cfg, params, f"GPT(params=...) does not match {cfg}")
+            host = {name: params[name] for name in param_shapes(cfg)}
+        with np.errstate(over="ignore"):   # a value too large for dtype is refused just below
+            self.params = {name: self.xp.array(p, dtype=self.dtype) for name, p in host.items()}
+        if params is not None:   # after the cast: a float64 1e300 is inf in float32
+            check_finite(self.params, "GPT(params=...)")
         self.training = True
         self.dropout_rng = self._make_rng(seed)
         self._cache = None
@@ -435,42 +472,54 @@ class GPT:
         h, _ = F.layernorm_forward(x[:, -1], P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
         return h @ P["wte.weight"].T                                              # (B, V)
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+                 vocab_size=None):
         """Append ``max_new_tokens`` sampled tokens to idx (B, T) and return the whole (B, T + n).
 
         temperature 0 is greedy; top_k / top_p follow openai/gpt-2's sample.py (see
-        ``top_k_logits``, ``top_p_logits``). The context is cropped to the last block_size tokens.
-        Keys and values of past positions are cached, so each new token costs one position's
-        work; once the context outgrows block_size the cache is refilled from the cropped context.
+        ``top_k_logits``, ``top_p_logits``, ``sample_next``). ``vocab_size`` (default: the
+        model's) restricts the draw to ids below it: a tokenizer smaller than the model's
+        vocabulary (GPT-2's 50,257 tokens in a model padded to 50,304) can then decode every id.
+
+        The context is cropped to the last block_size tokens. Keys and values of past positions
+        are cached, so each new token costs one position's work until the context fills the
+        block; after that each token costs one forward of block_size positions (the positions
+        are absolute, so the cache cannot slide): a constant cost per token. The output is one
+        array, allocated once, that the tokens are written into.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                                  or top_k < 0):
-            raise ValueError(f"top_k must be None or an integer >= 0 (0 is off), got {top_k!r}")
-        if top_k is not None and top_k > self.config.vocab_size:
-            raise ValueError(f"top_k = {top_k} exceeds the vocabulary size {self.config.vocab_size}")
-        if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-        out = self._ids(idx, "idx", crop=True)
+        check_sampling(temperature, top_k, top_p)
+        V = self.config.vocab_size
+        if vocab_size is not None and (isinstance(vocab_size, bool)
+                                       or not isinstance(vocab_size, (int, np.integer))
+                                       or not 1 <= vocab_size <= V):
+            raise ValueError(f"vocab_size must be None or an integer from 1 to the model's "
+                             f"vocabulary size {V}, got {vocab_size!r}")
+        V = V if vocab_size is None else int(vocab_size)
+        if top_k is not None and top_k > V:
+            raise ValueError(f"top_k = {top_k} exceeds the vocabulary size {V}")
+        prompt = self._ids(idx, "idx", crop=True)
         xp, cfg = self.xp, self.config
         rng = np.random.default_rng(seed)
-        B, T_max = out.shape[0], cfg.block_size
+        (B, T0), T_max = prompt.shape, cfg.block_size
+        out = xp.empty((B, T0 + max_new_tokens), dtype=np.int64)
+        out[:, :T0] = prompt
         kv = [(xp.empty((B, cfg.n_head, T_max, cfg.head_size), dtype=self.dtype),
                xp.empty((B, cfg.n_head, T_max, cfg.head_size), dtype=self.dtype))
               for _ in range(cfg.n_layer)]
         start = pos = 0   # the cache holds out[:, start:start+pos]
-        for _ in range(max_new_tokens):
-            n = out.shape[1]
+        for n in range(T0, T0 + max_new_tokens):   # out[:, :n] is written; draw out[:, n]
             if n - start > T_max:            # the context no longer fits: crop and refill
                 start, pos = n - T_max, 0
-            logits = self._forward_step(out[:, start + pos:], kv, pos)
+            logits = self._forward_step(out[:, start + pos:n], kv, pos)[:, :V]      # (B, V)
             pos = n - start
-            nxt = sample_next(logits, temperature, top_k, top_p, rng)
-            out = xp.concatenate([out, nxt[:, None].astype(out.dtype)], axis=1)
+            if not bool(xp.isfinite(logits).all()):
+                raise ValueError(f"the model's logits at position {n} are not finite (NaN or "
+                                 "inf): its weights or activations overflow; sampling from them "
+                                 "would print one token over and over")
+            out[:, n] = sample_next(logits, temperature, top_k, top_p, rng)
         return out
 
     # --- Hugging Face layout ------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 DIR is a ``train`` run folder (its ``best/`` model is used when present) or a folder holding
 config.json + model.safetensors; the tokenizer is the one saved beside the model (chars.json or
 vocab.json + merges.txt), else GPT-2's own vocabulary. Sampling follows openai/gpt-2's sample.py:
-temperature, then top-k, then top-p (see ``GPT.generate``).
+temperature, then top-k, then top-p (see ``GPT.generate``). A model whose vocabulary is larger
+than its tokenizer's (padded, as GPT-2's 50,257 tokens to 50,304) samples only the tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from . import data
+from .backend import to_numpy
 from .checkpoint import load_model_folder
+from .model import check_sampling
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
@@ -55,15 +58,18 @@ def run(args) -> int:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)   # before the model is read
     model, tokenizer, folder = load_model_folder(args.dir, args.device, args.dtype)
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     ids = encode_prompt(tokenizer, prompt)
-    top_k = min(args.top_k, model.config.vocab_size) if args.top_k else None
+    # the ids the tokenizer can decode: all of the model's, or fewer when its vocabulary is padded
+    vocab_size = min(data.vocab_size_of(tokenizer), model.config.vocab_size)
+    top_k = min(args.top_k, vocab_size) if args.top_k else None
     idx = np.asarray([ids] * args.num_samples)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=top_k,
-                         top_p=args.top_p, seed=args.seed)
+                         top_p=args.top_p, seed=args.seed, vocab_size=vocab_size)
     if folder != Path(args.dir):
         print(f"using {folder} (the best validation loss of the run)", file=sys.stderr)
-    texts = [tokenizer.decode([int(i) for i in row]) for row in out.tolist()]
+    texts = [tokenizer.decode(row) for row in to_numpy(out)]
     print(SEPARATOR.join(texts))
     return 0

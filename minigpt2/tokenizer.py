@@ -137,6 +137,9 @@ class Tokenizer:
         for s, i in self.special_tokens.items():
             self._decoder[i] = s.encode("utf-8")
         self._vocab_size = max(self._decoder) + 1
+        # id -> bytes as a list (None where no token has the id): indexing a list, unlike a dict,
+        # refuses a float (1.0 would find id 1 in a dict) at no extra cost
+        self._decode_table = [self._decoder.get(i) for i in range(self._vocab_size)]
         self._cache = _ChunkCache(self._encode_chunk)     # chunk (str) -> ids (tuple)
         self._special_regex_cache: dict[frozenset, object] = {}
 
@@ -326,20 +329,46 @@ class Tokenizer:
         """ids -> the bytes they stand for (a token may end inside a UTF-8 character).
 
         ids: a list of ints, or any iterable of them (a NumPy/CuPy array of shape (T,) too).
+        Every id must be an integer from 0 to vocab_size - 1 that names a token; anything else
+        (a negative id, which would index from the end, a float, an id the vocabulary lacks)
+        raises ValueError naming the id and its position.
         """
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()                  # array -> Python ints
+        non_negative = False                    # known without looking at each id
+        if hasattr(ids, "dtype") and hasattr(ids, "tolist"):   # NumPy or CuPy array
+            if ids.ndim != 1 or ids.dtype.kind not in "iu":
+                raise ValueError(f"decode takes a 1-D sequence of integer token ids, got an "
+                                 f"array of shape {tuple(ids.shape)} and dtype {ids.dtype}")
+            non_negative = ids.dtype.kind == "u" or ids.size == 0 or bool(ids.min() >= 0)
+            ids = ids.tolist()                  # -> Python ints
         elif not isinstance(ids, (list, tuple)):
-            ids = list(ids)
+            try:
+                ids = list(ids)
+            except TypeError:
+                raise ValueError(f"decode takes a sequence of token ids, got "
+                                 f"{type(ids).__name__}") from None
+        # One list lookup per id: a float, an id past the end or one no token has (None) fails
+        # the join; only a negative id (which would index from the end) gets through it, and
+        # is caught by the array's min above or by min() over a list.
         try:
-            return b"".join(map(self._decoder.__getitem__, ids))
-        except (KeyError, TypeError):
-            for pos, i in enumerate(ids):
-                if i not in self._decoder:
-                    raise ValueError(f"token id {i!r} at position {pos} is not in this "
-                                     f"vocabulary (ids run from 0 to {self.vocab_size - 1})"
-                                     ) from None
-            raise
+            data = b"".join(map(self._decode_table.__getitem__, ids))
+            if non_negative or not ids or min(ids) >= 0:
+                return data
+        except (IndexError, TypeError):
+            pass
+        raise ValueError(self._bad_id(ids))
+
+    def _bad_id(self, ids) -> str:
+        """The message for the first id of ``ids`` that names no token."""
+        table = self._decode_table
+        for pos, i in enumerate(ids):
+            if not hasattr(type(i), "__index__"):      # int, NumPy integers
+                return (f"token id {i!r} at position {pos} is not an integer; token ids are "
+                        f"integers from 0 to {self.vocab_size - 1}")
+            if not 0 <= i < len(table) or table[i] is None:
+                return (f"token id {i!r} at position {pos} is not in this vocabulary (ids run "
+                        f"from 0 to {self.vocab_size - 1}"
+                        + (", and no token has this one)" if 0 <= i < len(table) else ")"))
+        return "decode could not read the token ids"   # not reached: some id failed above
 
     def decode(self, ids, errors: str = "replace") -> str:
         """ids -> text. Bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""
