@@ -144,6 +144,61 @@ def save_best(directory, model, tokenizer) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _is_int(value, low=0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_state(state, path: Path) -> None:
+    """Refuse a train_state.json that parses but is not a training state (a list, a missing
+    or mistyped entry), in one line naming the entry, instead of a KeyError later."""
+    def refuse(problem):
+        raise ValueError(f"{path} is not a training state: {problem}; resume from an earlier "
+                         "copy or start again")
+    if not isinstance(state, dict):
+        refuse(f"expected a JSON object, found {type(state).__name__}")
+    for key in ("step", "config", "rng", "optimizer"):
+        if key not in state:
+            refuse(f"'{key}' is missing")
+    if not _is_int(state["step"]):
+        refuse(f"'step' must be an integer >= 0, got {state['step']!r}")
+    if not isinstance(state["config"], dict):
+        refuse("'config' must be an object of settings")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or "data" not in rng:
+        refuse("'rng' must be an object holding the 'data' random state")
+    for name, value in rng.items():
+        values = value if name == "dropout_by_process" and isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, dict) for v in values):
+            refuse(f"'rng.{name}' must be a random generator state (an object) or null")
+    opt = state["optimizer"]
+    if not isinstance(opt, dict) or not all(_is_number(opt.get(k))
+                                            for k in ("t", "lr", "eps", "weight_decay")) \
+            or not (isinstance(opt.get("betas"), list) and len(opt["betas"]) == 2
+                    and all(_is_number(b) for b in opt["betas"])):
+        refuse("'optimizer' must hold the numbers t, lr, betas (two), eps and weight_decay")
+    if "best_val_loss" in state and state["best_val_loss"] is not None \
+            and not _is_number(state["best_val_loss"]):
+        refuse(f"'best_val_loss' must be a number or null, got {state['best_val_loss']!r}")
+    for key in ("processes", "global_batch_size"):
+        if key in state and not _is_int(state[key], 1):
+            refuse(f"'{key}' must be an integer >= 1, got {state[key]!r}")
+    for key in ("elapsed_s",):
+        if key in state and not _is_number(state[key]):
+            refuse(f"'{key}' must be a number, got {state[key]!r}")
+    for key in ("data", "loss_scaler"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            refuse(f"'{key}' must be an object or null")
+    sha = state.get("sha256", {})
+    if not isinstance(sha, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            and k == Path(k).name and k not in ("", ".", "..")
+                                            for k, v in sha.items()):
+        refuse("'sha256' must map the names of files in the folder to hex digests")
+
+
 def load_state(directory) -> dict:
     """The training state of a checkpoint folder, after checking its files belong together."""
     directory = Path(directory)
@@ -156,6 +211,7 @@ def load_state(directory) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is damaged ({e}); resume from an earlier copy or start "
                          "again") from None
+    _check_state(state, path)
     for name, digest in state.get("sha256", {}).items():
         f = directory / name
         if not f.is_file():

@@ -62,9 +62,9 @@ def main(argv=None) -> int:
         return 2
     try:
         status = args._run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:   # 130 (Ctrl-C), or the status of the signal that stopped it
         print(f"minigpt2 {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "status", 130)
     except USER_ERRORS as e:
         if os.environ.get("MINIGPT2_DEBUG"):
             raise

@@ -312,19 +312,3 @@ def training_data(directory, tokenizer=None, block_size: int = 1, log=print):
                              "larger --shard-tokens (or more --val-shards), or use a smaller "
                              "--block-size")
     return tok, splits["train"], splits["val"], meta
-
-
-def check_same_data(saved: dict, meta: dict) -> None:
-    """A resumed run must read the data it was trained on: the manifest digest recorded in its
-    checkpoint must be the prepared folder's (runs on text files have none on both sides)."""
-    before, now = saved.get("manifest_sha256"), meta.get("manifest_sha256")
-    if before != now:
-        if before is None or now is None:
-            raise ValueError("--resume: the run was trained on "
-                             f"{'text' if before is None else 'a prepared folder'} but its data "
-                             f"is now {'text' if now is None else 'a prepared folder'}: resume "
-                             "on the same data, or start a new run")
-        raise ValueError(f"--resume: the run was trained on the prepared data whose "
-                         f"manifest.json has SHA-256 {before[:12]}..., but {meta['source']} now "
-                         f"has {now[:12]}...: the data changed; resume on the data it was "
-                         "trained on, or start a new run")

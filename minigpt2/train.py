@@ -24,6 +24,7 @@ The defaults are the character-level Shakespeare run (nanoGPT's CPU recipe: 4 la
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from . import checkpoint, data, distributed, shards
 from .backend import resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
 from .distributed import DataParallel, on_every_process
-from .files import write_atomic
+from .files import fsync_dir, write_atomic
 from .model import GPT, PRECISIONS
 from .optim import AdamW, LossScaler
 
@@ -95,6 +96,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse impossible settings with a message that says what to do."""
+        for field in dataclasses.fields(self):
+            problem = setting_problem(field.name, getattr(self, field.name))
+            if problem:
+                raise ValueError(f"--{field.name.replace('_', '-')} {problem}")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
                     "max_iters", "eval_interval", "eval_iters", "log_interval",
                     "hellaswag_examples")
@@ -133,6 +138,29 @@ class TrainConfig:
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 (off) or 1 (shard AdamW's moments), got "
                              f"{self.zero!r}")
+
+
+# The type a setting's value must have, by the field's annotation ("int", "float | None", ...):
+# JSON and TOML files can hold any type, and a float field also takes an integer (1 for 1.0).
+_KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"),
+          "str": ((str,), "a string"), "bool": ((bool,), "true or false"),
+          "None": ((type(None),), "null")}
+_FIELD_KINDS = {f.name: [k.strip() for k in str(f.type).split("|")]
+                for f in dataclasses.fields(TrainConfig)}
+
+
+def setting_problem(name: str, value) -> str | None:
+    """What is wrong with ``value`` as the TrainConfig setting ``name`` ("must be an integer,
+    got 1.5"), or None when it fits: the type of the field (booleans are not numbers), and a
+    finite value for numbers (nan would switch a comparison such as the gradient clip off)."""
+    kinds = _FIELD_KINDS[name]
+    fits = any(isinstance(value, _KINDS[k][0]) and (k == "bool" or not isinstance(value, bool))
+               for k in kinds)
+    if not fits:
+        return f"must be {' or '.join(_KINDS[k][1] for k in kinds)}, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +286,61 @@ def _prepare_data(cfg: TrainConfig, tokenizer, log=print):
     if tokenizer is None:
         tokenizer = data.load_tokenizer(folder, default_gpt2=False)
     data.check_length(train_ids, val_ids, cfg.block_size)
+    meta = dict(meta, token_folder=str(Path(folder).resolve()))
     return tokenizer, train_ids, val_ids, meta
+
+
+def _tokens_digest(meta: dict, train_ids, val_ids) -> dict:
+    """``meta`` with the SHA-256 of the token ids the run reads (train then val, and where one
+    ends), for data made from text: the cached token files are checked, not only the text.
+    A prepared folder's manifest already names every shard's digest."""
+    if "manifest_sha256" in meta:
+        return meta
+    h = hashlib.sha256(f"{train_ids.size},{val_ids.size};".encode())
+    for ids in (train_ids, val_ids):
+        h.update(np.ascontiguousarray(ids).tobytes())
+    return dict(meta, tokens_sha256=h.hexdigest())
+
+
+def _data_name(cfg: TrainConfig, meta: dict) -> str:
+    if cfg.data is not None:
+        return cfg.data
+    return f"the {meta.get('source', cfg.dataset or 'shakespeare')} corpus"
+
+
+def check_same_data(saved: dict, meta: dict, cfg: TrainConfig, resume,
+                    allow_change: bool = False, log=print) -> None:
+    """A resumed run must read the data it was trained on: the digests its checkpoint recorded
+    (``saved``: the manifest.json of a prepared folder; the text and the token ids of data made
+    from text) must be those of the data now (``meta``). Else refuse, naming both, unless
+    ``allow_change`` (--allow-data-change), which says so once and continues. A checkpoint
+    saved before the token digest was recorded is checked on what it has, and said so."""
+    was = "a prepared folder" if saved.get("manifest_sha256") else "text"
+    now = "a prepared folder" if meta.get("manifest_sha256") else "text"
+    choice = ("resume on the data it was trained on, pass --allow-data-change to train on "
+              "this data, or start a new run")
+    problem = None
+    if was != now and saved:
+        problem = (f"{resume} was trained on {was}, but its data is now {now} "
+                   f"({_data_name(cfg, meta)})")
+    else:
+        for key, what in (("manifest_sha256", "manifest.json"), ("text_sha256", "text"),
+                          ("tokens_sha256", f"token ids (in {meta.get('token_folder')})")):
+            before, after = saved.get(key), meta.get(key)
+            if before is not None and after is not None and before != after:
+                problem = (f"the data changed: {resume} was trained on {_data_name(cfg, meta)} "
+                           f"whose {what} had SHA-256 {before[:16]}..., but it now has "
+                           f"{after[:16]}...")
+                break
+    if problem is None:
+        if now == "text" and not saved.get("tokens_sha256"):
+            log(f"note: the checkpoint in {resume} records no digest of its token ids (saved by "
+                "an earlier minigpt2), so the data is checked only by what it records; its next "
+                "checkpoint records one")
+        return
+    if not allow_change:
+        raise ValueError(f"--resume: {problem}: {choice}")
+    log(f"--allow-data-change: {problem}; training continues on the new data")
 
 
 def _read_metrics(path: Path, upto: int) -> list[str]:
@@ -276,15 +358,29 @@ def _read_metrics(path: Path, upto: int) -> list[str]:
     return kept
 
 
+class Stopped(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM during training: stop at once (the last checkpoint stays
+    whole). ``status`` is the exit status a shell gives a process ended by that signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
+
+
 class _StopFlag:
     """SIGINT (Ctrl-C) or SIGTERM (what schedulers and ``kill`` send) sets a flag that the loop
-    reads between steps, so a step is never cut in half; a second one interrupts at once."""
+    reads between steps, so a step is never cut in half; a second one interrupts at once.
+    ``signum`` is the first signal received (None until one is)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.set = False
+        self.signum = None
         self._previous = {}
+
+    @property
+    def set(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         try:
@@ -295,8 +391,8 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.set:
-            raise KeyboardInterrupt
-        self.set = True
+            raise Stopped(signum)
+        self.signum = signum
 
     def __exit__(self, *exc):
         for s, previous in self._previous.items():
@@ -351,20 +447,65 @@ class Run:
                               self.data_rng, rows=dp.rows(c.batch_size))
 
 
-def _check_out(out: Path, resume: str | None, overwrite: bool) -> None:
-    continuing_here = resume is not None and out.resolve() == Path(resume).resolve()
-    if checkpoint.has_checkpoint(out) and not continuing_here and not overwrite:
+def _run_files(out: Path) -> list[str]:
+    """The entries of ``out`` that starting a run there would replace or delete: a model
+    (a downloaded Hugging Face folder, a copied best/), a tokenizer, a checkpoint, a log."""
+    from .hf import INDEX
+    names = (checkpoint.STATE, *checkpoint.MODEL_FILES, INDEX, checkpoint.OPTIMIZER,
+             *checkpoint.TOKENIZER_FILES, "encoder.json", "vocab.bpe", checkpoint.BEST, METRICS)
+    return [name for name in names if (out / name).exists()]
+
+
+def _check_out(out: Path, resume: str | None, init_from: str | None, overwrite: bool) -> None:
+    """Refuse an --out folder whose files the run would replace, unless it is the run being
+    resumed or --overwrite says so; never the model the run starts from, whatever the flags."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder: choose a folder")
+    if init_from is not None and Path(init_from).resolve() in (out.resolve(),
+                                                               (out / checkpoint.BEST).resolve()):
+        raise ValueError(f"--init-from {init_from} is inside --out {out}, whose model the run "
+                         "replaces: choose another --out")
+    if (resume is not None and out.resolve() == Path(resume).resolve()) or overwrite:
+        return
+    if checkpoint.has_checkpoint(out):
         raise FileExistsError(f"{out} already holds a training checkpoint; continue it with "
                               f"--resume {out}, or choose another --out (or --overwrite)")
+    found = _run_files(out) if out.is_dir() else []
+    if found:
+        raise FileExistsError(f"--out {out} already holds {', '.join(found)}, which this run "
+                              "would replace: choose another --out, or pass --overwrite to "
+                              "replace them")
+
+
+def _continue_schedule(cfg: TrainConfig, saved: dict, log=print) -> TrainConfig:
+    """The settings of a resumed run, with the learning-rate schedule of the saved one.
+
+    A run without --lr-decay-iters ends its cosine at its --max-iters. Resumed with another
+    --max-iters, the cosine would be stretched (or squeezed) from step 0 and the rate would jump
+    at the resumed step (from min_lr back to near the peak when a finished run is extended).
+    So the cosine keeps ending where the saved run's did, and the rate stays at min_lr past it.
+    (A run whose --max-iters never left the warmup continues its linear ramp as it is.)"""
+    end = saved.get("max_iters", cfg.max_iters)
+    if cfg.lr_decay_iters is not None or saved.get("lr_decay_iters") is not None \
+            or not isinstance(end, int) or end <= cfg.warmup_iters:
+        return cfg
+    if cfg.max_iters != end:
+        after = f"; min_lr {cfg.min_lr:g} from there to step {cfg.max_iters}" \
+            if cfg.max_iters > end else ""
+        log(f"--max-iters {cfg.max_iters}: the learning rate keeps the saved run's schedule, "
+            f"whose cosine ends at step {end} (lr_decay_iters {end}){after}, so it does not "
+            "jump at the resumed step")
+    return dataclasses.replace(cfg, lr_decay_iters=end)
 
 
 def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-          dp: DataParallel | None = None, log=print) -> Run:
+          dp: DataParallel | None = None, log=print, allow_data_change: bool = False) -> Run:
     """Check the settings, prepare the data, build (or load) model and optimizer.
 
     Nothing is written to the run folder here, so a refused run leaves it as it was.
     ``dp``: the processes of a data-parallel run; rank 0 checks the folder and prepares the
-    data, the others follow its verdict."""
+    data, the others follow its verdict. ``allow_data_change``: resume on data whose digest
+    differs from the one the checkpoint recorded (else refused)."""
     dp = dp or DataParallel()
     dp.on_root(cfg.check)
     # absolute paths, so a resumed run finds its data from any working folder
@@ -372,7 +513,7 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                                       for k in ("data", "init_from", "hellaswag")
                                       if (v := getattr(cfg, k)) is not None})
     out = Path(cfg.out)
-    dp.on_root(_check_out, out, resume, overwrite)
+    dp.on_root(_check_out, out, resume, cfg.init_from, overwrite)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
 
     # the tokenizer of the checkpoint or of the model to fine-tune; else a new one
@@ -383,8 +524,11 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         tokenizer = data.load_tokenizer(cfg.init_from) if cfg.init_from else None
     quiet = log if dp.is_root else (lambda *args: None)
     tokenizer, train_ids, val_ids, meta = dp.root_first(_prepare_data, cfg, tokenizer, quiet)
+    meta = dp.on_root(_tokens_digest, meta, train_ids, val_ids)
     if state is not None:
-        shards.check_same_data(state.get("data") or {}, meta)
+        dp.on_root(check_same_data, state.get("data") or {}, meta, cfg, resume,
+                   allow_data_change, quiet)
+        cfg = _continue_schedule(cfg, state["config"], quiet)
     examples = None
     if cfg.hellaswag is not None:
         from .eval.hellaswag import check_examples, read_examples
@@ -415,23 +559,36 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     if state is not None:  # continue exactly: moments, step, and both random streams
         checkpoint.load_optimizer_state(resume, opt)
         checkpoint.set_rng_state(run.data_rng, state["rng"]["data"])
-        dropout = state["rng"].get("dropout_by_process", [state["rng"]["dropout"]])
+        dropout = state["rng"].get("dropout_by_process", [state["rng"].get("dropout")])
         if dp.rank < len(dropout):   # (on more processes than saved, the others start afresh)
             checkpoint.set_rng_state(model.dropout_rng, dropout[dp.rank])
         run.step, run.elapsed = state["step"], state.get("elapsed_s", 0.0)
         if run.scaler is not None and state.get("loss_scaler"):
             run.scaler.load_state_dict(state["loss_scaler"])
-        if state["best_val_loss"] is not None:
+        if state.get("best_val_loss") is not None:
             run.best_val = state["best_val_loss"]
     return run
+
+
+def _clear_run_files(out: Path) -> None:
+    """Delete what an earlier run left in ``out`` (what --overwrite replaces), the state first:
+    the folder never looks like a checkpoint with parts missing, and no stale tokenizer file or
+    best/ model is left beside the new run's."""
+    for name in _run_files(out):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    fsync_dir(out)
 
 
 def _start_log(run: Run, resumed_from: str | None) -> Path:
     """metrics.jsonl for this session: empty for a new run; for a resumed one, the log of the
     folder it resumes from, up to its checkpoint's step."""
     run.out.mkdir(parents=True, exist_ok=True)
-    if resumed_from is None and checkpoint.has_checkpoint(run.out):   # --overwrite
-        shutil.rmtree(run.out / checkpoint.BEST, ignore_errors=True)  # no stale best/
+    if not (resumed_from is not None and run.out.resolve() == Path(resumed_from).resolve()):
+        _clear_run_files(run.out)                                      # --overwrite
     kept = [] if resumed_from is None else _read_metrics(Path(resumed_from) / METRICS, run.step)
     path = run.out / METRICS
     write_atomic(path, "".join(line + "\n" for line in kept))
@@ -439,18 +596,19 @@ def _start_log(run: Run, resumed_from: str | None) -> Path:
 
 
 def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
-          progress: bool = True, log=print, comm=None) -> dict:
+          progress: bool = True, log=print, comm=None, allow_data_change: bool = False) -> dict:
     """Train as ``cfg`` says, saving to cfg.out. With ``resume`` (a run folder) the saved
     settings, weights, optimizer and random states continue where they stopped.
     ``comm``: the processes of a data-parallel run (default ``distributed.world()``: those
     mpiexec started, or this one alone); rank 0 alone logs and writes.
 
-    Returns {"status": 0 | 130, "step", "val_loss", "best_val_loss", "out"}; 130 means the run
-    was interrupted (Ctrl-C, SIGTERM) and saved.
+    Returns {"status": 0 | 130 | 143, "step", "val_loss", "best_val_loss", "out"}; 130 (SIGINT,
+    Ctrl-C) and 143 (SIGTERM) mean the run was interrupted and saved at the step it reached.
+    ``allow_data_change``: resume although the data's digest differs from the checkpoint's.
     """
     comm = comm if comm is not None else distributed.world()
     dp = DataParallel(comm, resolve_device(cfg.device), cfg.zero)
-    run = setup(cfg, resume, overwrite, dp, log)
+    run = setup(cfg, resume, overwrite, dp, log, allow_data_change)
     cfg, model, out = run.cfg, run.model, run.out
     if not dp.is_root:   # rank 0 speaks and writes for all
         log, progress = (lambda *args: None), False
@@ -532,9 +690,11 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
                     if not is_eval:
                         run.save(time.perf_counter() - t_start)
                     bar.close()
-                    log(f"interrupted at step {run.step}: checkpoint saved to {out}; continue "
-                        f"with  python -m minigpt2 train --resume {out}")
-                    status = 130
+                    signum = next(s for s in dp.comm.allgather_values(stop.signum) if s)
+                    log(f"interrupted at step {run.step} ({signal.Signals(signum).name}): "
+                        f"checkpoint saved to {out}; continue with  python -m minigpt2 train "
+                        f"--resume {out}")
+                    status = 128 + signum       # 130 for SIGINT, 143 for SIGTERM, as a shell
                     break
         except FloatingPointError as e:
             bar.close()

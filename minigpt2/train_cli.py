@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import checkpoint, distributed
 from .distributed import DataParallel
-from .train import TrainConfig, train
+from .train import Stopped, TrainConfig, setting_problem, train
 
 # settings a resumed run may change; the rest must stay as saved, or the run would not continue
 RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",
                     "sample_tokens", "cache_dir", "out", "precision", "recompute", "zero",
                     "hellaswag", "hellaswag_examples")
+# ... and those it may change with --allow-data-change (the data it reads: its digest is then
+# allowed to differ from the one the checkpoint recorded)
+DATA_OVERRIDES = ("data", "dataset")
 
 
 _MALLOC_TUNED = False
@@ -70,7 +75,17 @@ def _load_config_file(path) -> dict:
     unknown = sorted(set(settings) - fields)
     if unknown:
         raise ValueError(f"--config {path}: unknown setting(s) {', '.join(unknown)}")
+    _check_settings(settings, f"--config {path}")
     return settings
+
+
+def _check_settings(settings: dict, where: str) -> None:
+    """Refuse a value of the wrong type (or a non-finite number) in a settings file, naming
+    the file, the setting and the type expected."""
+    for name, value in settings.items():
+        problem = setting_problem(name, value)
+        if problem:
+            raise ValueError(f"{where}: {name} {problem}")
 
 
 def add_arguments(p):
@@ -130,6 +145,9 @@ def add_arguments(p):
         "logged in metrics.jsonl (GPT-2 tokenizer only)", metavar="FILE")
     opt("--hellaswag-examples", int, "the first N HellaSwag examples per evaluation")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although the data's digest differs from the "
+                        "one the checkpoint recorded (and allow a new --data or --dataset)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out folder that already holds a run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -143,11 +161,23 @@ def config_from_args(args, processes: int = 1) -> tuple[TrainConfig, str | None]
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.resume is not None:
         state = checkpoint.load_state(args.resume)
+        where = f"{Path(args.resume) / checkpoint.STATE}"
+        unknown = sorted(set(state["config"]) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)} (saved by another "
+                             "version of minigpt2?); resume it with that version")
+        _check_settings(state["config"], where)
         saved = {**state["config"], "batch_size": _batch_per_process(state, processes)}
-        bad = [k for k, v in given.items() if k not in RESUME_OVERRIDES and v != saved.get(k)]
+        allowed = RESUME_OVERRIDES + (DATA_OVERRIDES if args.allow_data_change else ())
+        bad = [k for k, v in given.items() if k not in allowed and v != saved.get(k)]
         if bad:
-            raise ValueError(f"--resume continues the saved run, so --{bad[0].replace('_', '-')} "
-                             f"cannot change; only {', '.join(RESUME_OVERRIDES)} may")
+            flag = f"--{bad[0].replace('_', '-')}"
+            also = " (and, with --allow-data-change, data and dataset)" \
+                if bad[0] in DATA_OVERRIDES else ""
+            raise ValueError(f"--resume continues the saved run, so {flag} cannot change; only "
+                             f"{', '.join(RESUME_OVERRIDES)}{also} may")
+        if any(k in given for k in DATA_OVERRIDES):   # the new source replaces the saved one
+            saved = {k: v for k, v in saved.items() if k not in DATA_OVERRIDES}
         given.setdefault("out", args.resume)
         return TrainConfig(**{**saved, **given}), args.resume
     settings = _load_config_file(args.config) if args.config else {}
@@ -165,8 +195,26 @@ def _batch_per_process(state: dict, processes: int) -> int:
     return total // processes
 
 
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what schedulers and ``kill`` send) stops the command as Ctrl-C does, with exit
+    status 143 instead of 130, also before and after the training loop (which saves first)."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:   # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args) -> int:
-    with distributed.one_report():   # under mpiexec: an error all processes share, said once
+    # under mpiexec an error all processes share is said once; SIGTERM stops as Ctrl-C does
+    with distributed.one_report(), _sigterm_as_interrupt():
         comm = distributed.world()
         dp = DataParallel(comm)
         cfg, resume = dp.on_root(config_from_args, args, comm.size)
@@ -174,5 +222,6 @@ def run(args) -> int:
         # then reused instead of page-faulted in again every step (docs/performance.md).
         keep_freed_memory_for_reuse()
         result = train(cfg, resume=resume, overwrite=args.overwrite,
-                       progress=not args.no_progress, comm=comm)
+                       progress=not args.no_progress, comm=comm,
+                       allow_data_change=args.allow_data_change)
     return result["status"]

@@ -1,5 +1,6 @@
-"""Ctrl-C during training: a checkpoint is saved, the process exits cleanly, and the run
-resumes from it."""
+"""Ctrl-C (SIGINT) or SIGTERM (what schedulers and ``kill`` send) during training: a checkpoint
+is saved, the process exits cleanly with 130 or 143 (as a shell reports a process ended by the
+signal), and the run resumes from it."""
 
 import json
 import os
@@ -9,11 +10,13 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from minigpt2 import checkpoint
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum, status):
     words = ["to", "be", "or", "not", "the", "king", "queen"]
     text = " ".join(np.random.default_rng(0).choice(words, size=2000))
     (tmp_path / "corpus.txt").write_text(text)
@@ -32,12 +35,13 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
             break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == status, stderr
     assert "Traceback" not in stderr
     assert "interrupted at step" in stdout and "--resume" in stdout
-    step = checkpoint.load_state(out)["step"]
+    assert f"({signal.Signals(signum).name})" in stdout
+    step = checkpoint.load_state(out)["step"]     # whole: the files' hashes match the state
     assert step >= 3
     last = json.loads(metrics.read_text().splitlines()[-1])
     assert last["step"] == step                   # saved exactly where it stopped
