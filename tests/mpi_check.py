@@ -4,7 +4,8 @@ Checks DataParallel's collectives on gradients of odd sizes against the mean com
 (every process can rebuild every other's gradients from their seeds): buckets of one small
 tensor, of several, of one tensor alone (reduced in place), ZeRO-1's shares with padding, a
 ZeroAdamW step against AdamW on the whole mean, its gathered state, and the weight-hash check
-with one process's weights changed. Prints "ok <rank>" on success; fails with an assertion.
+with one process's weights changed. Rank 0 prints "ok 0 ok 1 ..." (one entry per process that
+finished) on success; fails with an assertion.
 """
 
 import sys
@@ -80,4 +81,7 @@ except RuntimeError as e:
     assert f"process {n - 1} differ" in str(e) and e.on_every_process, e
 else:
     raise AssertionError("differing weights were not detected")
-print("ok", rank, flush=True)
+# one line from rank 0 for all (the processes' own prints may interleave in mpiexec's output)
+done = comm.allgather_values(rank)
+if rank == 0:
+    print(" ".join(f"ok {r}" for r in done), flush=True)
