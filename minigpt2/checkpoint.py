@@ -7,26 +7,44 @@ A run folder DIR holds the latest state at its top level:
     optimizer.safetensors             AdamW's moments, tensors "m.<param>" and "v.<param>"
     train_state.json                  step, optimizer step count, best val loss, the training
                                       settings, the RNG states (data batches, dropout) and the
-                                      SHA-256 of the two .safetensors files
+                                      SHA-256 of the other files of the checkpoint
     metrics.jsonl                     one JSON line per logged step (written by the training loop)
     best/                             model + tokenizer of the best validation loss
+    .previous/                        only while a save runs, or after one was cut: the step
+                                      before, whole (see below)
+    .lock                             only while a run holds the folder (files.FolderLock)
 
 ``load_model_folder`` reads a model back with its tokenizer, from a run folder or from any
 Hugging Face GPT-2 folder; ``sample`` and ``eval`` load through it.
 
-Saving writes every file (each through ``files.write_atomic``: whole, fsynced, with the user's
-umask) into a fresh temporary folder inside DIR first, then renames the files into place one by
-one, train_state.json last, and fsyncs DIR. A crash while writing leaves the previous
-checkpoint whole; the rename sequence itself is a few metadata operations, and should it ever be cut, the
-hashes in train_state.json no longer match and ``load_state`` says so instead of resuming from a
-mixture of two steps.
+Saving (``save_checkpoint``) leaves, at every instant, a complete checkpoint that ``load_state``
+finds and verifies (the SHA-256 of every file is in train_state.json):
+
+    1. remove what a killed save left behind (.saving-*, .removing-* folders)
+    2. write every file of the new step into a fresh folder DIR/.saving-XXXX (each through
+       ``files.write_atomic``: whole, fsynced, with the user's umask), train_state.json last
+    3. keep the current step: hard links to its files in a new folder, renamed whole to
+       DIR/.previous (a copy where the file system has no hard links), DIR fsynced
+    4. rename the new files into DIR one by one, train_state.json last; fsync DIR
+    5. rename DIR/.previous to DIR/.removing-XXXX, fsync DIR, delete it
+
+Killed before 4, DIR holds the previous step; during 4, DIR is a mixture whose hashes do not
+match, and ``load_state`` falls back to DIR/.previous; after 4, DIR holds the new step. A save
+that finds DIR/.previous with a mixture beside it (a save cut during 4) keeps that .previous
+until its own step is in place. Older folders (no .previous, hashes of the two .safetensors
+only) load as they always did.
+
+The run folder is the training run's for as long as it runs: ``train`` holds its
+``files.FolderLock``, so two runs never write one folder.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,6 +61,8 @@ OPTIMIZER = "optimizer.safetensors"
 MODEL_FILES = ("model.safetensors", "config.json")
 TOKENIZER_FILES = ("chars.json", "vocab.json", "merges.txt")
 BEST = "best"
+PREVIOUS = ".previous"      # the step before, while a save runs
+SAVING, REMOVING = ".saving-", ".removing-"   # temporary folders
 FORMAT_VERSION = 1
 
 
@@ -81,9 +101,10 @@ def _save_optimizer(opt_state: dict, path: Path, step: int) -> None:
 
 
 def load_optimizer_state(directory, opt) -> None:
-    """Put the saved moments and step count into ``opt`` (an AdamW over the model's params)."""
+    """Put the saved moments and step count into ``opt`` (an AdamW over the model's params),
+    from ``checkpoint_folder(directory)``."""
     from safetensors.numpy import load_file
-    directory = Path(directory)
+    directory = checkpoint_folder(directory)
     state = json.loads((directory / STATE).read_text())
     tensors = load_file(str(directory / OPTIMIZER))
     names = list(opt.params)
@@ -99,47 +120,175 @@ def load_optimizer_state(directory, opt) -> None:
     opt.load_state_dict(saved)
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, out of memory, an I/O error): the message
+    names the file and the cause and says what the folder still holds."""
+
+
+def _cause(e: BaseException) -> tuple[str, str]:
+    """(the reason of a failed write in a few words, what to do):
+    ('No space left on device (ENOSPC)', 'free space on its disk')."""
+    if isinstance(e, MemoryError):
+        return "out of memory (MemoryError)", "free memory (or use a smaller model or batch)"
+    code, text = getattr(e, "errno", None), str(e).strip()
+    if code is not None:
+        text = e.strerror or os.strerror(code)
+    else:
+        # safetensors reports an I/O error as 'Error while serializing: IoError(Os { code: 28,
+        # kind: StorageFull, message: "No space left on device" })'
+        found = re.search(r'code: (\d+).*?message: "([^"]*)"', text)
+        if found:
+            code, text = int(found.group(1)), found.group(2)
+    if code is None:
+        return (f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__,
+                "fix the cause")
+    full = code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    return (f"{text} ({errno.errorcode.get(code, code)})",
+            "free space on its disk" if full else "fix the cause")
+
+
+def _failed_file(e: BaseException, writing: str) -> str:
+    """The file an OSError names (as the file it was to become, not a temporary name), else
+    ``writing``, what the save was writing."""
+    name = getattr(e, "filename", None)
+    if not name:
+        return writing
+    name = Path(str(name)).name
+    temporary = re.fullmatch(r"\.(.+)\.[0-9a-f]{8}\.tmp", name)    # files.write_atomic's
+    return temporary.group(1) if temporary else name
+
+
+def _write_errors():
+    """The exceptions of a write that fails for want of space, memory or a working disk."""
+    errors = [OSError, MemoryError]
+    try:
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _folder_holds(directory: Path) -> str:
+    try:
+        return f"{directory} still holds the checkpoint of step {load_state(directory)['step']}"
+    except (OSError, ValueError):
+        return f"{directory} holds no complete checkpoint"
+
+
+def _checkpoint_files(directory: Path) -> list[str]:
+    """The names of the checkpoint's files present at the top of ``directory``."""
+    names = (*MODEL_FILES, *TOKENIZER_FILES, OPTIMIZER, STATE)
+    return [n for n in names if (directory / n).is_file()]
+
+
+def _remove_folder(folder: Path) -> None:
+    """Delete ``folder`` so that a cut never leaves a part of it under its name: rename it to
+    a fresh .removing-* name first (made durable), then delete that."""
+    gone = folder.with_name(f"{REMOVING}{os.urandom(4).hex()}")
+    os.rename(folder, gone)
+    fsync_dir(folder.parent)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _clean_leftovers(directory: Path) -> None:
+    """Remove what a save killed half-way left in ``directory``: its temporary folders and
+    files (only the one process holding the run folder saves there, so none is in use)."""
+    for stale in (*directory.glob(f"{SAVING}*"), *directory.glob(f"{REMOVING}*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in directory.glob(".*.tmp"):           # files.write_atomic's temporaries
+        if stale.is_file() and re.fullmatch(r"\..+\.[0-9a-f]{8}\.tmp", stale.name):
+            stale.unlink(missing_ok=True)
+
+
+def _keep_previous(directory: Path) -> None:
+    """Make DIR/.previous hold a complete checkpoint (the current one) before any file of a new
+    step is renamed into DIR. Hard links cost no space and no time; the new files replace the
+    names in DIR, not the files, so the links keep the old step's bytes."""
+    previous = directory / PREVIOUS
+    if previous.is_dir():
+        if _problem(directory) is not None:
+            return          # DIR is a cut save's mixture: .previous is the checkpoint, keep it
+        _remove_folder(previous)   # DIR is whole (a save was cut after its renames)
+    if not has_checkpoint(directory):
+        return              # the first save: there is nothing to keep
+    snapshot = Path(tempfile.mkdtemp(prefix=SAVING, dir=directory))
+    for name in _checkpoint_files(directory):
+        try:
+            os.link(directory / name, snapshot / name)
+        except OSError:     # no hard links here (some network and FAT file systems): copy
+            write_atomic(snapshot / name, writer=lambda tmp, n=name: shutil.copyfile(
+                directory / n, tmp))
+    fsync_dir(snapshot)
+    os.rename(snapshot, previous)
+    fsync_dir(directory)
+
+
 def save_checkpoint(directory, model, opt, tokenizer, state: dict) -> None:
     """Write model, tokenizer, optimizer and ``state`` (a JSON-able dict: step, RNG states,
-    settings, ...) to ``directory``, each file moved into place only once all are written.
+    settings, ...) to ``directory``; at every instant the folder holds a complete checkpoint,
+    this step's or the one before (see the module docstring for the sequence).
 
     ``opt``: the AdamW, or its ``state_dict()`` (data-parallel training gathers that on every
-    process first, then one process writes)."""
+    process first, then one process writes). A write that fails for want of space or memory,
+    or on an I/O error, raises ``SaveError`` naming the file and the cause; the checkpoint
+    before it stays loadable."""
     directory = Path(directory)
     opt = opt if isinstance(opt, dict) else opt.state_dict()
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(".saving-*"):  # left by a process killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+    _clean_leftovers(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=SAVING, dir=directory))
+    step, writing = state["step"], "the model (model.safetensors, config.json)"
     try:
         model.save_pretrained(tmp)
+        writing = "the tokenizer"
         tokenizer.save(tmp)
-        _save_optimizer(opt, tmp / OPTIMIZER, state["step"])
+        writing = OPTIMIZER
+        _save_optimizer(opt, tmp / OPTIMIZER, step)
+        writing = STATE
         state = dict(state, format=FORMAT_VERSION,
                      optimizer={"t": opt["t"], "lr": opt["lr"], "betas": list(opt["betas"]),
                                 "eps": opt["eps"], "weight_decay": opt["weight_decay"]},
-                     sha256={name: _sha256(tmp / name)
-                             for name in ("model.safetensors", OPTIMIZER)})
+                     sha256={f.name: _sha256(f) for f in sorted(tmp.iterdir())})
         write_atomic(tmp / STATE, json.dumps(state, indent=2) + "\n")
+        writing = f"{PREVIOUS} (the step before, kept while the files are renamed)"
+        _keep_previous(directory)
         # every file is whole on disk now; move them in, the state (which names them) last
         for f in sorted(tmp.iterdir(), key=lambda p: (p.name == STATE, p.name)):
+            writing = f.name
             os.replace(f, directory / f.name)
         fsync_dir(directory)
+        if (directory / PREVIOUS).is_dir():
+            writing = f"{PREVIOUS} (removing it)"
+            _remove_folder(directory / PREVIOUS)
+    except _write_errors() as e:
+        cause, advice = _cause(e)
+        raise SaveError(f"saving step {step} to {directory} failed on "
+                        f"{_failed_file(e, writing)}: {cause}; {_folder_holds(directory)}: "
+                        f"{advice}, then continue with --resume {directory}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_best(directory, model, tokenizer) -> None:
-    """The model and tokenizer of the best validation loss, into ``directory/best``."""
+    """The model and tokenizer of the best validation loss, into ``directory/best`` (each file
+    renamed into place whole; temporary folders of saves killed earlier are removed)."""
     best = Path(directory) / BEST
     best.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=best))
+    _clean_leftovers(best)
+    tmp = Path(tempfile.mkdtemp(prefix=SAVING, dir=best))
     try:
         model.save_pretrained(tmp)
         tokenizer.save(tmp)
         for f in sorted(tmp.iterdir()):
             os.replace(f, best / f.name)
         fsync_dir(best)
+    except _write_errors() as e:
+        cause, advice = _cause(e)
+        raise SaveError(f"saving the best model to {best} failed on "
+                        f"{_failed_file(e, 'model.safetensors')}: {cause}; its previous "
+                        f"files are whole, and {_folder_holds(Path(directory))}: {advice}, then "
+                        f"continue with --resume {directory}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -199,29 +348,53 @@ def _check_state(state, path: Path) -> None:
         refuse("'sha256' must map the names of files in the folder to hex digests")
 
 
-def load_state(directory) -> dict:
-    """The training state of a checkpoint folder, after checking its files belong together."""
-    directory = Path(directory)
+def _problem(directory: Path) -> Exception | None:
+    """Why ``directory``'s top level is no complete checkpoint (None when it is one)."""
     path = directory / STATE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} holds no training checkpoint ({STATE} not found); "
-                                "--resume needs the --out folder of an earlier train run")
+        return FileNotFoundError(f"{directory} holds no training checkpoint ({STATE} not "
+                                 "found); --resume needs the --out folder of an earlier train "
+                                 "run")
     try:
         state = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is damaged ({e}); resume from an earlier copy or start "
-                         "again") from None
-    _check_state(state, path)
+        return ValueError(f"{path} is damaged ({e}); resume from an earlier copy or start again")
+    try:
+        _check_state(state, path)
+    except ValueError as problem:
+        return problem
     for name, digest in state.get("sha256", {}).items():
         f = directory / name
         if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: the checkpoint in {directory} is "
-                                    "incomplete")
+            return FileNotFoundError(f"{f} is missing: the checkpoint in {directory} is "
+                                     "incomplete")
         if _sha256(f) != digest:
-            raise ValueError(f"{f} does not belong to {STATE} (step {state.get('step')}): a "
-                             "save was cut between renames; the model in "
-                             f"{directory / BEST} is still whole")
-    return state
+            return ValueError(f"{f} does not belong to {STATE} (step {state.get('step')}): "
+                              "the files of two different steps are mixed, and no complete "
+                              f"earlier step is kept beside them; the model in "
+                              f"{directory / BEST} is still whole")
+    return None
+
+
+def checkpoint_folder(directory) -> Path:
+    """The folder holding the latest complete checkpoint of run folder ``directory``: itself,
+    or ``directory/.previous`` when a save was cut while renaming its files into place.
+    Every file is checked against the SHA-256 in its train_state.json; raises (saying why the
+    top level is no checkpoint) when neither is complete."""
+    directory = Path(directory)
+    problem = _problem(directory)
+    if problem is None:
+        return directory
+    previous = directory / PREVIOUS
+    if previous.is_dir() and _problem(previous) is None:
+        return previous
+    raise problem
+
+
+def load_state(directory) -> dict:
+    """The training state of a checkpoint folder, after checking its files belong together
+    (from ``checkpoint_folder(directory)``: the step before, when a save was cut)."""
+    return json.loads((checkpoint_folder(directory) / STATE).read_text())
 
 
 def resolve_model_dir(directory) -> tuple[Path, bool]:

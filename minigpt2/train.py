@@ -516,7 +516,10 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     dp.on_root(_check_out, out, resume, cfg.init_from, overwrite)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
 
-    # the tokenizer of the checkpoint or of the model to fine-tune; else a new one
+    # the tokenizer of the checkpoint or of the model to fine-tune; else a new one. A checkpoint
+    # is read from where its latest complete step is (DIR/.previous after a cut save).
+    if resume is not None:
+        resume = str(checkpoint.checkpoint_folder(resume))
     state = checkpoint.load_state(resume) if resume is not None else None
     if resume is not None:
         tokenizer = data.load_tokenizer(resume, default_gpt2=False)

@@ -1,0 +1,213 @@
+"""A save killed at every one of its file-system operations leaves a checkpoint that resumes,
+bit for bit, at the new step or at the one before, and the next save clears what it left.
+
+The kill is simulated in this process: the k-th operation (mkdir, open, fsync, link, rename,
+replace, unlink, rmdir, chmod) raises ``Killed``, and from then on every one of them does, so no
+``finally`` or ``except`` clean-up of the interrupted save can touch the folder, as after a
+``kill -9``. The folder is then read as a new process would read it.
+"""
+
+import os
+import shutil
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from minigpt2 import GPT, GPTConfig, AdamW, checkpoint
+from minigpt2.data import CharTokenizer, load_tokenizer
+
+OPERATIONS = ("mkdir", "open", "fsync", "link", "rename", "replace", "unlink", "rmdir", "chmod")
+RUN_FILES = {"chars.json", "config.json", "model.safetensors", "optimizer.safetensors",
+             "train_state.json"}
+
+
+class Killed(BaseException):
+    """The process died here (a BaseException, so no `except Exception` swallows it)."""
+
+
+@contextmanager
+def killed_at(k, monkeypatch):
+    """Run the body with the k-th file-system operation (1-based) and all after it failing;
+    yields a list whose one element becomes the number of operations the body attempted."""
+    seen = [0]
+    with monkeypatch.context() as m:
+        for name in OPERATIONS:
+            real = getattr(os, name)
+
+            def op(*args, _real=real, **kwargs):
+                seen[0] += 1
+                if seen[0] >= k:
+                    raise Killed
+                return _real(*args, **kwargs)
+            m.setattr(os, name, op)
+        yield seen
+
+
+class Training:
+    """A tiny model and optimizer moved one AdamW step at a time; ``snapshot`` is what a
+    checkpoint of the current step must give back."""
+
+    def __init__(self):
+        self.model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=5,
+                                   dropout=0.1), seed=0)
+        self.opt = AdamW(self.model.params, lr=1e-2)
+        self.rng = np.random.default_rng(7)
+        self.tok = CharTokenizer(list("abcd\n"))
+        self.step = 0
+
+    def advance(self):
+        x = self.rng.integers(0, 5, size=(2, 8))
+        self.model.forward(x, np.roll(x, -1, 1))
+        self.opt.step(self.model.backward())
+        self.step += 1
+
+    def state(self):
+        return {"step": self.step, "best_val_loss": None, "config": {"seed": 0},
+                "rng": {"data": checkpoint.rng_state(self.rng),
+                        "dropout": checkpoint.rng_state(self.model.dropout_rng)}}
+
+    def snapshot(self):
+        copy = lambda d: {k: np.array(v, copy=True) for k, v in d.items()}   # noqa: E731
+        return {"params": copy(self.model.params), "m": copy(self.opt.m), "v": copy(self.opt.v),
+                "t": self.opt.t, "rng": self.state()["rng"]}
+
+    def save(self, folder):
+        checkpoint.save_checkpoint(folder, self.model, self.opt, self.tok, self.state())
+
+
+def resumed(folder):
+    """(step, what a resumed run gets) from ``folder`` as ``train --resume`` reads it."""
+    state = checkpoint.load_state(folder)
+    where = checkpoint.checkpoint_folder(folder)
+    model = GPT.from_pretrained(where)
+    opt = AdamW(model.params, lr=0.5)
+    checkpoint.load_optimizer_state(folder, opt)
+    assert load_tokenizer(where, default_gpt2=False).chars == list("abcd\n")
+    return state["step"], {"params": model.params, "m": opt.m, "v": opt.v, "t": opt.t,
+                           "rng": state["rng"]}
+
+
+def assert_same(got, want):
+    assert got["t"] == want["t"] and got["rng"] == want["rng"]
+    for part in ("params", "m", "v"):
+        assert got[part].keys() == want[part].keys()
+        for name in want[part]:
+            assert np.array_equal(got[part][name], want[part][name]), (part, name)
+
+
+def count_operations(save, monkeypatch):
+    with killed_at(10**9, monkeypatch) as seen:
+        save()
+    return seen[0]
+
+
+def test_a_save_killed_at_any_operation_resumes_from_the_new_or_the_previous_step(
+        tmp_path, monkeypatch):
+    run = Training()
+    run.advance()
+    template = tmp_path / "template"
+    run.save(template)
+    snapshots = {1: run.snapshot()}
+    run.advance()
+    snapshots[2] = run.snapshot()
+
+    def fresh(name):
+        folder = tmp_path / name
+        shutil.copytree(template, folder)
+        return folder
+    counted = fresh("count")
+    n = count_operations(lambda: run.save(counted), monkeypatch)
+    assert n > 20                                   # the sequence has many steps to cut
+    steps = []
+    for k in range(1, n + 1):
+        folder = fresh(f"k{k}")
+        with pytest.raises(Killed):
+            with killed_at(k, monkeypatch):
+                run.save(folder)
+        step, got = resumed(folder)
+        assert step in (1, 2), k
+        assert_same(got, snapshots[step])
+        steps.append(step)
+    # the new step becomes the checkpoint at one operation (the rename of train_state.json),
+    # and is never lost again
+    assert steps[0] == 1 and steps[-1] == 2 and steps == sorted(steps)
+    assert 1 in steps[len(steps) // 2:]             # the renames come late in the sequence
+
+    # the next save, uncut, leaves a clean run folder
+    run.advance()
+    for k in range(1, n + 1):
+        folder = tmp_path / f"k{k}"
+        run.save(folder)
+        assert {p.name for p in folder.iterdir()} == RUN_FILES, k
+        step, got = resumed(folder)
+        assert step == 3
+        assert_same(got, run.snapshot())
+
+
+def test_a_save_after_a_cut_save_keeps_a_whole_step_at_every_operation(tmp_path, monkeypatch):
+    """A save cut while renaming leaves DIR a mixture and DIR/.previous whole; the next save,
+    killed anywhere, must still leave that step or its own."""
+    run = Training()
+    run.advance()
+    template = tmp_path / "template"
+    run.save(template)
+    first = run.snapshot()
+    run.advance()
+    # cut the save of step 2 where the top level is a mixture of steps 1 and 2
+    counted = shutil.copytree(template, tmp_path / "count")
+    n = count_operations(lambda: run.save(counted), monkeypatch)
+    for k in range(1, n + 1):
+        shutil.rmtree(tmp_path / "cut", ignore_errors=True)
+        shutil.copytree(template, tmp_path / "cut")
+        with pytest.raises(Killed):
+            with killed_at(k, monkeypatch):
+                run.save(tmp_path / "cut")
+        if checkpoint._problem(tmp_path / "cut") is not None:
+            break
+    else:
+        pytest.fail("no operation of the save leaves a mixture at the top level")
+    assert checkpoint.checkpoint_folder(tmp_path / "cut") == tmp_path / "cut" / ".previous"
+    run.advance()                                   # step 3, saved over the mixture
+    third = run.snapshot()
+    counted = shutil.copytree(tmp_path / "cut", tmp_path / "count3")
+    n = count_operations(lambda: run.save(counted), monkeypatch)
+    steps = []
+    for k in range(1, n + 1):
+        folder = shutil.copytree(tmp_path / "cut", tmp_path / f"again{k}")
+        with pytest.raises(Killed):
+            with killed_at(k, monkeypatch):
+                run.save(folder)
+        step, got = resumed(folder)
+        assert step in (1, 3), k
+        assert_same(got, first if step == 1 else third)
+        steps.append(step)
+        run.save(folder)                            # and the next save cleans up
+        assert {p.name for p in folder.iterdir()} == RUN_FILES, k
+        assert resumed(folder)[0] == 3
+    assert steps[0] == 1 and steps[-1] == 3 and steps == sorted(steps)
+
+
+def test_best_model_killed_at_any_operation_is_old_or_new_and_leftovers_are_cleared(
+        tmp_path, monkeypatch):
+    run = Training()
+    run.advance()
+    template = tmp_path / "template"
+    checkpoint.save_best(template, run.model, run.tok)
+    old = run.snapshot()["params"]
+    run.advance()
+    new = run.snapshot()["params"]
+    counted = shutil.copytree(template, tmp_path / "n")
+    n = count_operations(lambda: checkpoint.save_best(counted, run.model, run.tok), monkeypatch)
+    for k in range(1, n + 1):
+        folder = shutil.copytree(template, tmp_path / f"k{k}")
+        with pytest.raises(Killed):
+            with killed_at(k, monkeypatch):
+                checkpoint.save_best(folder, run.model, run.tok)
+        got = GPT.from_pretrained(folder / "best").params
+        want = new if np.array_equal(got["wte.weight"], new["wte.weight"]) else old
+        for name in want:
+            assert np.array_equal(got[name], want[name]), (k, name)
+        checkpoint.save_best(folder, run.model, run.tok)
+        assert sorted(p.name for p in (folder / "best").iterdir()) == \
+            ["chars.json", "config.json", "model.safetensors"], k
