@@ -1,4 +1,5 @@
-"""Writing a file whole or not at all: the one helper every file minigpt2 saves goes through.
+"""Writing a file whole or not at all (the one helper every file minigpt2 saves goes through),
+and the lock that keeps a folder to one process (``FolderLock``).
 
 ``write_atomic(path, content)`` writes into a temporary file in the target's folder, flushes and
 fsyncs it, renames it over the target (a rename within one folder is atomic on POSIX and on
@@ -10,6 +11,7 @@ behind. The file gets the permissions any new file would get (0666 less the user
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -81,3 +83,100 @@ def write_atomic(path, content=None, *, writer=None) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds the lock of a folder (see ``FolderLock``)."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder for as long as a process works in it.
+
+    ``acquire`` takes ``fcntl.flock`` on ``directory/.lock`` and writes who holds it (pid, host,
+    the UTC time it was taken) into that file. The kernel drops the lock when its holder exits,
+    however it exits (``kill -9`` included), so a lock is never left held by a dead process; the
+    file itself may remain, and the next holder takes it over. ``release`` removes the file while
+    still holding the lock; a process that opened the removed file meanwhile notices (its file
+    is no longer the one at the path) and tries again, so two holders never coexist.
+
+    A second ``acquire`` on the same folder, from any process (this one included), raises
+    ``FolderInUse`` naming the holder and changes nothing in the folder. Where ``fcntl`` does not
+    exist (Windows) there is no lock. Also a context manager.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory, what: str = "this folder"):
+        self.directory, self.what = Path(directory), what
+        self.path = self.directory / self.NAME
+        self._fd = None
+        self._made_folder = False
+
+    def acquire(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:      # no flock here: run unlocked
+            return self
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already held by this FolderLock")
+        if not self.directory.exists():
+            self.directory.mkdir(parents=True)
+            self._made_folder = True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise FolderInUse(f"{self.directory} is in use by another {self.what} "
+                                  f"({holder}); wait for it to end or stop it, or use another "
+                                  "folder") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)         # the holder removed this file as it let go: take the new one
+        import datetime
+        import socket
+        since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": since}).encode() + b"\n")
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)   # while still held: see the class docstring
+            if self._made_folder:
+                try:
+                    self.directory.rmdir()      # made for the lock alone and still empty
+                except OSError:
+                    pass
+        finally:
+            os.close(self._fd)                  # closing lets the lock go
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_holder(fd) -> str:
+    """'pid N on HOST since TIME' from a lock file's content (as ``FolderLock`` writes it)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode())
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet written its pid"

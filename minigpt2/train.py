@@ -41,7 +41,7 @@ from . import checkpoint, data, distributed, shards
 from .backend import resolve_device, resolve_dtype
 from .config import PRESETS, GPTConfig
 from .distributed import DataParallel, on_every_process
-from .files import fsync_dir, write_atomic
+from .files import FolderLock, fsync_dir, write_atomic
 from .model import GPT, PRECISIONS
 from .optim import AdamW, LossScaler
 
@@ -611,6 +611,18 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
     """
     comm = comm if comm is not None else distributed.world()
     dp = DataParallel(comm, resolve_device(cfg.device), cfg.zero)
+    # the run folder is this run's until it ends: a second run on it is refused (rank 0 writes,
+    # so rank 0 holds the lock; its verdict reaches every process)
+    lock = FolderLock(cfg.out, "training run")
+    dp.on_root(lambda: lock.acquire() and None)
+    try:
+        return _train(cfg, resume, overwrite, progress, log, dp, allow_data_change)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, resume: str | None, overwrite: bool, progress: bool, log,
+           dp: DataParallel, allow_data_change: bool) -> dict:
     run = setup(cfg, resume, overwrite, dp, log, allow_data_change)
     cfg, model, out = run.cfg, run.model, run.out
     if not dp.is_root:   # rank 0 speaks and writes for all
@@ -708,7 +720,8 @@ def train(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
             raise on_every_process(RuntimeError(
                 f"{e}: training stopped; {where}. Lower --lr, keep --grad-clip on, or check the "
                 "data")) from None
-    bar.close()
+        finally:
+            bar.close()     # an error's one line then starts on a line of its own
     best = None if math.isinf(run.best_val) else run.best_val
     result = {"status": status, "step": run.step, "val_loss": last_val, "best_val_loss": best,
               "out": str(out)}
