@@ -4,7 +4,8 @@ Each command lives in its own module, which provides
     add_arguments(parser)   -- its options (an ``argparse.ArgumentParser``)
     run(args) -> int        -- does the work; returns the exit status
 and is registered in ``COMMANDS`` below with a one-line summary. Errors a user can fix
-(ValueError, FileNotFoundError, ...) are printed as one line and the process exits with status 2.
+(ValueError, FileNotFoundError, ...) and those of the machine (a full disk, an I/O error, no
+memory left) are printed as one line and the process exits with status 2.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ COMMANDS = {
 # Errors a user can act on. Set MINIGPT2_DEBUG=1 to get the full traceback instead.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
                IsADirectoryError, PermissionError, RuntimeError)
+
+# What the machine ran out of or refused (disk full, an I/O error, out of memory): one line too,
+# which for an OSError names the file ("[Errno 28] No space left on device: 'out/x'").
+SYSTEM_ERRORS = (OSError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, MemoryError):
+        return f"out of memory (MemoryError{': ' + text if text else ''}); use a smaller " \
+               "model, batch or --block-size, or free memory"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,10 +78,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:   # 130 (Ctrl-C), or the status of the signal that stopped it
         print(f"minigpt2 {args.command}: interrupted", file=sys.stderr)
         return getattr(e, "status", 130)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, *SYSTEM_ERRORS) as e:
         if os.environ.get("MINIGPT2_DEBUG"):
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"minigpt2 {args.command}: error: {message}", file=sys.stderr)
+        print(f"minigpt2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0 if status is None else int(status)

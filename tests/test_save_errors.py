@@ -1,0 +1,83 @@
+"""A save that fails for want of space or memory (item: disk full, out of memory) through the
+``train`` command: one line naming the file and the cause, exit status 2, and the checkpoint
+before it whole and resumable."""
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from minigpt2 import checkpoint, train as train_mod
+
+from test_train import TINY, corpus, run_cli
+
+
+def fail_on_second(write, error, out, monkeypatch):
+    """Make the second write of the file ``write`` into the run folder ``out`` (not best/)
+    raise ``error`` (both model and optimizer go through safetensors' save_file)."""
+    import safetensors.numpy
+    real = safetensors.numpy.save_file
+    seen = []
+
+    def save_file(tensors, filename, metadata=None):
+        path = Path(filename)
+        if path.parent.parent == out and write in path.name:
+            seen.append(path)
+            if len(seen) == 2:
+                raise error
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
+
+
+def safetensor_error(text):
+    from safetensors import SafetensorError
+    return SafetensorError(text)
+
+
+@pytest.mark.parametrize("write, error, says", [
+    ("optimizer.safetensors", OSError(errno.ENOSPC, "No space left on device"),
+     "failed on optimizer.safetensors: No space left on device (ENOSPC)"),
+    # safetensors' own report of the same (its binding formats the Rust I/O error so)
+    ("model.safetensors", lambda: safetensor_error(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+        'space left on device" })'),
+     "failed on the model (model.safetensors, config.json): No space left on device (ENOSPC)"),
+    ("optimizer.safetensors", MemoryError(),
+     "failed on optimizer.safetensors: out of memory (MemoryError)"),
+])
+def test_a_save_that_fails_says_one_line_and_the_step_before_resumes(tmp_path, capsys,
+                                                                     monkeypatch, write,
+                                                                     error, says):
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), *TINY,
+            "--max-iters", "4", "--eval-interval", "2", "--out", str(out)]
+    fail_on_second(write, error() if callable(error) else error, out, monkeypatch)
+    status, _, err = run_cli(args, capsys)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("minigpt2 train: error: saving step 4 to ")
+    assert says in lines[0] and f"{out} still holds the checkpoint of step 2" in lines[0]
+    assert f"--resume {out}" in lines[0]
+    assert not list(out.glob(".saving-*")) and not (out / ".lock").exists()
+    monkeypatch.undo()
+    assert checkpoint.load_state(out)["step"] == 2
+    status, printed, err = run_cli(["train", "--resume", str(out), "--no-progress"], capsys)
+    assert status == 0, err
+    assert "resuming at step 2" in printed and checkpoint.load_state(out)["step"] == 4
+
+
+def test_out_of_memory_while_training_is_one_line(tmp_path, capsys, monkeypatch):
+    data = corpus(tmp_path)
+
+    def train_step(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(train_mod, "train_step", train_step)
+    status, _, err = run_cli(["train", "--data", str(data), "--cache-dir",
+                              str(tmp_path / "cache"), *TINY, "--max-iters", "4",
+                              "--out", str(tmp_path / "run")], capsys)
+    assert status == 2
+    assert err.strip().splitlines() == [
+        "minigpt2 train: error: out of memory (MemoryError); use a smaller model, batch or "
+        "--block-size, or free memory"]
