@@ -211,3 +211,36 @@ def test_best_model_killed_at_any_operation_is_old_or_new_and_leftovers_are_clea
         checkpoint.save_best(folder, run.model, run.tok)
         assert sorted(p.name for p in (folder / "best").iterdir()) == \
             ["chars.json", "config.json", "model.safetensors"], k
+
+
+def test_train_resumes_bit_exactly_from_the_step_before_a_save_cut_in_its_renames(
+        tmp_path, capsys, monkeypatch):
+    """Through the train command: the save of step 4 dies after renaming model.safetensors;
+    ``--resume`` continues from step 2 and ends where a run never cut ends, bit for bit."""
+    from safetensors.numpy import load_file
+    from test_train import TINY, corpus, run_cli
+    data = corpus(tmp_path)
+    common = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *TINY,
+              "--dropout", "0.1", "--eval-interval", "2", "--log-interval", "1",
+              "--lr-decay-iters", "6", "--warmup-iters", "1"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert run_cli(["train", *common, "--max-iters", "6", "--out", str(straight)], capsys)[0] == 0
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(cut / "optimizer.safetensors") and \
+                checkpoint.has_checkpoint(cut) and checkpoint.load_state(cut)["step"] == 2:
+            raise Killed
+        real_replace(src, dst)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            run_cli(["train", *common, "--max-iters", "6", "--out", str(cut)], capsys)
+    assert checkpoint.checkpoint_folder(cut) == cut / ".previous"
+    status, printed, err = run_cli(["train", "--resume", str(cut), "--no-progress"], capsys)
+    assert status == 0, err
+    assert "resuming at step 2" in printed
+    assert {p.name for p in cut.iterdir()} == RUN_FILES | {"best", "metrics.jsonl"}
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(cut / name))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
