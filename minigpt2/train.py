@@ -425,12 +425,11 @@ class Run:
     def save(self, seconds: float) -> None:
         """The run folder's checkpoint after ``self.step`` steps (``seconds`` this session).
         Every process takes part (the optimizer state and the dropout streams are gathered);
-        rank 0 writes."""
+        rank 0 writes, and should that fail (a full disk) every process stops with its error."""
         opt_state = self.opt.state_dict()
         dropout = self.dp.comm.allgather_values(checkpoint.rng_state(self.model.dropout_rng))
-        if not self.dp.is_root:
-            return
-        checkpoint.save_checkpoint(self.out, self.model, opt_state, self.tokenizer, {
+        self.dp.on_root(checkpoint.save_checkpoint, self.out, self.model, opt_state,
+                        self.tokenizer, {
             "step": self.step,
             "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
             "elapsed_s": self.elapsed + seconds,
@@ -696,8 +695,7 @@ def _train(cfg: TrainConfig, resume: str | None, overwrite: bool, progress: bool
                         last_val = entry["val_loss"]
                         if last_val < run.best_val:
                             run.best_val = last_val
-                            if dp.is_root:
-                                checkpoint.save_best(out, model, run.tokenizer)
+                            dp.on_root(checkpoint.save_best, out, model, run.tokenizer)
                         run.save(time.perf_counter() - t_start)
                     record(entry)
                     t_window, steps_window = time.perf_counter(), 0  # evaluating is not training

@@ -3,12 +3,14 @@
 before it whole and resumable."""
 
 import errno
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from minigpt2 import checkpoint, train as train_mod
 
+from test_distributed import MPIEXEC, needs_mpi
 from test_train import TINY, corpus, run_cli
 
 
@@ -81,3 +83,39 @@ def test_out_of_memory_while_training_is_one_line(tmp_path, capsys, monkeypatch)
     assert err.strip().splitlines() == [
         "minigpt2 train: error: out of memory (MemoryError); use a smaller model, batch or "
         "--block-size, or free memory"]
+
+
+@needs_mpi
+def test_under_mpiexec_a_full_disk_on_rank_0_stops_every_process_in_one_line(tmp_path):
+    """Rank 0 alone writes; its failed save must reach the other process (which would
+    otherwise wait for it in the next step's collective) and be said once."""
+    import os
+    import sys
+    from test_distributed import ENV, mpi_train
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), *TINY,
+            "--max-iters", "4", "--eval-interval", "2", "--out", str(out)]
+    assert mpi_train(2, [*args, "--max-iters", "2"]).returncode == 0
+    hook = tmp_path / "hook"             # every process imports it: the second optimizer
+    hook.mkdir()                         # write (at step 4) finds the disk full
+    (hook / "sitecustomize.py").write_text(
+        "import errno, safetensors.numpy as s\n"
+        "real = s.save_file\n"
+        "def save_file(tensors, filename, metadata=None):\n"
+        "    if 'optimizer' in str(filename):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return real(tensors, filename, metadata=metadata)\n"
+        "s.save_file = save_file\n")
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(hook), ENV["PYTHONPATH"]]))
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "minigpt2", "train", "--resume", str(out),
+           "--max-iters", "4"]
+    failed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "failed on optimizer.safetensors: No space left on device (ENOSPC)" in errors[0]
+    assert f"{out} still holds the checkpoint of step 2" in errors[0]
+    assert checkpoint.load_state(out)["step"] == 2
+    assert mpi_train(2, ["--resume", str(out), "--max-iters", "4"]).returncode == 0
+    assert checkpoint.load_state(out)["step"] == 4
