@@ -244,3 +244,53 @@ def test_train_resumes_bit_exactly_from_the_step_before_a_save_cut_in_its_rename
     for name in ("model.safetensors", "optimizer.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(cut / name))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_process_that_dies_at_any_operation_of_its_save_leaves_a_checkpoint(tmp_path):
+    """The same as the first test with real deaths: a forked process saves and calls
+    os._exit (no clean-up, no finally) at its k-th file-system operation, for every k."""
+    run = Training()
+    run.advance()
+    template = tmp_path / "template"
+    run.save(template)
+    snapshots = {1: run.snapshot()}
+    run.advance()
+    snapshots[2] = run.snapshot()
+
+    def save_dying_at(k, folder):
+        """0 when the save ran to its end, else 17 (it died at operation k)."""
+        pid = os.fork()
+        if pid == 0:                                  # the child: never returns
+            try:
+                seen = [0]
+                die = os._exit
+                for name in OPERATIONS:
+                    def op(*args, _real=getattr(os, name), **kwargs):
+                        seen[0] += 1
+                        if seen[0] >= k:
+                            die(17)
+                        return _real(*args, **kwargs)
+                    setattr(os, name, op)
+                run.save(folder)
+            except BaseException:
+                die(1)
+            die(0)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    steps, k = [], 1
+    while True:
+        folder = shutil.copytree(template, tmp_path / f"k{k}")
+        status = save_dying_at(k, folder)
+        assert status in (0, 17), k
+        step, got = resumed(folder)
+        assert_same(got, snapshots[step])
+        steps.append(step)
+        if status == 0:
+            break
+        k += 1
+    assert k > 20 and steps[0] == 1 and steps[-1] == 2 and steps == sorted(steps)
+    run.advance()
+    for folder in tmp_path.glob("k*"):
+        run.save(folder)
+        assert {p.name for p in folder.iterdir()} == RUN_FILES
