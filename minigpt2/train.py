@@ -451,7 +451,8 @@ def _run_files(out: Path) -> list[str]:
     (a downloaded Hugging Face folder, a copied best/), a tokenizer, a checkpoint, a log."""
     from .hf import INDEX
     names = (checkpoint.STATE, *checkpoint.MODEL_FILES, INDEX, checkpoint.OPTIMIZER,
-             *checkpoint.TOKENIZER_FILES, "encoder.json", "vocab.bpe", checkpoint.BEST, METRICS)
+             *checkpoint.TOKENIZER_FILES, "encoder.json", "vocab.bpe", checkpoint.BEST, METRICS,
+             checkpoint.PREVIOUS)   # (a cut save's step before: never resumed into a new run)
     return [name for name in names if (out / name).exists()]
 
 

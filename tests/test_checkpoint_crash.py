@@ -294,3 +294,40 @@ def test_a_process_that_dies_at_any_operation_of_its_save_leaves_a_checkpoint(tm
     for folder in tmp_path.glob("k*"):
         run.save(folder)
         assert {p.name for p in folder.iterdir()} == RUN_FILES
+
+
+def test_overwrite_removes_the_step_a_cut_save_kept(tmp_path, capsys, monkeypatch):
+    """--overwrite starts afresh: the .previous of the old run's cut save must go with the rest,
+    else a cut first save of the new run would fall back to the old run's step."""
+    from test_train import TINY, corpus, run_cli
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), *TINY,
+            "--eval-interval", "2", "--max-iters", "4", "--out", str(out)]
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(out / "optimizer.safetensors") and checkpoint.has_checkpoint(out):
+            raise Killed
+        real_replace(src, dst)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            run_cli(args, capsys)
+    assert (out / ".previous").is_dir()
+    fresh = [*args, "--overwrite", "--seed", "5"]
+
+    def replace_new(src, dst):                     # the new run's first save is cut too
+        if str(dst) == str(out / "optimizer.safetensors"):
+            raise Killed
+        real_replace(src, dst)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace_new)
+        with pytest.raises(Killed):
+            run_cli(fresh, capsys)
+    with pytest.raises(FileNotFoundError, match="holds no training checkpoint"):
+        checkpoint.load_state(out)                 # not the old run's step 2
+    status, _, err = run_cli([*fresh, "--max-iters", "2"], capsys)
+    assert status == 0, err
+    assert not (out / ".previous").exists() and checkpoint.load_state(out)["step"] == 2
+    assert checkpoint.load_state(out)["config"]["seed"] == 5
