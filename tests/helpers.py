@@ -16,6 +16,16 @@ def run_cli(*args, timeout=120, env=None):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def one_line_error(r, *fragments):
+    """Assert that a command (returncode, stderr) failed with status 2 and one stderr line holding
+    every fragment; return that line."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
 def assert_grads(forward, backward, arrays, names, tol=TOL):
     """Check backward's gradients for the named entries of ``arrays`` (a dict of float64 arrays).
 

@@ -7,7 +7,7 @@ each would fail again without its fix.
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import one_line_error, run_cli
 from minigpt2 import GPT, GPTConfig
 from minigpt2.data import CharTokenizer
 
@@ -21,14 +21,6 @@ def char_model(tmp_path_factory):
         seed=0).save_pretrained(folder)
     tok.save(folder)
     return folder
-
-
-def one_line_error(r, *fragments):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1, r.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 # --- 9: token ids a character vocabulary does not have -----------------------------------------

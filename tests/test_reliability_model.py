@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from helpers import run_cli
+from helpers import one_line_error, run_cli
 from minigpt2 import GPT, GPTConfig, Tokenizer
 from minigpt2.cli import main
 from minigpt2.config import param_shapes
@@ -27,14 +27,6 @@ def cli(capsys, *args):
     status = main([str(a) for a in args])
     captured = capsys.readouterr()
     return SimpleNamespace(returncode=status, stdout=captured.out, stderr=captured.err)
-
-
-def one_line_error(r, *fragments):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1, r.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
