@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minigpt2 import bpe
 from minigpt2 import exercises as E
 from minigpt2 import layers
 from minigpt2.model import top_k_logits, top_p_logits
@@ -24,20 +25,7 @@ def stub(*args, **kwargs):
 
 # ---- solutions (the shapes the notebooks ask for) --------------------------------------------
 
-def _merge(word, pair, new):
-    out, i = [], 0
-    while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-            out.append(new)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
-
-
-def train_bpe(words, num_merges, pick=lambda c: min(c, key=lambda p: (-c[p], p)), weighted=True,
-              merge=_merge):
+def train_bpe(words, num_merges, pick=lambda c: min(c, key=lambda p: (-c[p], p)), weighted=True):
     words, merges = dict(words), []
     for k in range(num_merges):
         counts = {}
@@ -49,7 +37,7 @@ def train_bpe(words, num_merges, pick=lambda c: min(c, key=lambda p: (-c[p], p))
         pair = pick(counts)
         new_words = {}
         for word, n in words.items():
-            w = merge(word, pair, 256 + k)
+            w = bpe.merge(word, pair, 256 + k)
             new_words[w] = new_words.get(w, 0) + n
         words = new_words
         merges.append(pair)
