@@ -41,7 +41,6 @@ The run folder is the training run's for as long as it runs: ``train`` holds its
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -53,7 +52,7 @@ import numpy as np
 
 from . import data
 from .backend import to_numpy
-from .files import fsync_dir, write_atomic
+from .files import fsync_dir, sha256_file, write_atomic
 from .model import GPT
 
 STATE = "train_state.json"
@@ -68,14 +67,6 @@ FORMAT_VERSION = 1
 
 def has_checkpoint(directory) -> bool:
     return (Path(directory) / STATE).is_file()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state(rng):
@@ -249,7 +240,7 @@ def save_checkpoint(directory, model, opt, tokenizer, state: dict) -> None:
         state = dict(state, format=FORMAT_VERSION,
                      optimizer={"t": opt["t"], "lr": opt["lr"], "betas": list(opt["betas"]),
                                 "eps": opt["eps"], "weight_decay": opt["weight_decay"]},
-                     sha256={f.name: _sha256(f) for f in sorted(tmp.iterdir())})
+                     sha256={f.name: sha256_file(f) for f in sorted(tmp.iterdir())})
         write_atomic(tmp / STATE, json.dumps(state, indent=2) + "\n")
         writing = f"{PREVIOUS} (the step before, kept while the files are renamed)"
         _keep_previous(directory)
@@ -368,7 +359,7 @@ def _problem(directory: Path) -> Exception | None:
         if not f.is_file():
             return FileNotFoundError(f"{f} is missing: the checkpoint in {directory} is "
                                      "incomplete")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return ValueError(f"{f} does not belong to {STATE} (step {state.get('step')}): "
                               "the files of two different steps are mixed, and no complete "
                               f"earlier step is kept beside them; the model in "

@@ -1,5 +1,6 @@
 """Writing a file whole or not at all (the one helper every file minigpt2 saves goes through),
-and the lock that keeps a folder to one process (``FolderLock``).
+the lock that keeps a folder to one process (``FolderLock``), and a file's SHA-256
+(``sha256_file``, which checkpoints and shards are checked with).
 
 ``write_atomic(path, content)`` writes into a temporary file in the target's folder, flushes and
 fsyncs it, renames it over the target (a rename within one folder is atomic on POSIX and on
@@ -12,6 +13,7 @@ behind. The file gets the permissions any new file would get (0666 less the user
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 from pathlib import Path
 
@@ -180,3 +182,12 @@ def _read_holder(fd) -> str:
         return f"pid {info['pid']} on {info['host']} since {info['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a process that has not yet written its pid"
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks of ``chunk`` bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

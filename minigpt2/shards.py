@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import TOKEN_DTYPE, read_tokens
-from .files import fsync_dir
+from .files import fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -45,14 +45,6 @@ def shard_name(index: int) -> str:
 def is_prepared(path) -> bool:
     """True when ``path`` is a folder holding a manifest.json (a ``prepare`` output)."""
     return path is not None and (Path(path) / MANIFEST).is_file()
-
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_digest(directory) -> str:

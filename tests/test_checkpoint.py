@@ -10,6 +10,7 @@ import pytest
 
 from minigpt2 import GPT, GPTConfig, AdamW, checkpoint
 from minigpt2.data import CharTokenizer
+from minigpt2.files import sha256_file
 
 
 def tiny_run(seed=0):
@@ -87,7 +88,7 @@ def test_a_save_cut_between_renames_resumes_from_the_step_before(tmp_path, monke
     """(tests/test_checkpoint_crash.py cuts the save at every operation; this is one cut.)"""
     model, opt, tok, rng = tiny_run()
     checkpoint.save_checkpoint(tmp_path, model, opt, tok, state(1, rng, model))
-    old_model = checkpoint._sha256(tmp_path / "model.safetensors")
+    old_model = sha256_file(tmp_path / "model.safetensors")
     wte = model.params["wte.weight"].copy()
     for p in model.params.values():
         p += 1.0
@@ -102,7 +103,7 @@ def test_a_save_cut_between_renames_resumes_from_the_step_before(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(tmp_path, model, opt, tok, state(2, rng, model))
     monkeypatch.setattr(checkpoint.os, "replace", real_replace)
-    assert checkpoint._sha256(tmp_path / "model.safetensors") != old_model
+    assert sha256_file(tmp_path / "model.safetensors") != old_model
     assert checkpoint.checkpoint_folder(tmp_path) == tmp_path / ".previous"
     assert checkpoint.load_state(tmp_path)["step"] == 1
     assert np.array_equal(GPT.from_pretrained(tmp_path / ".previous").params["wte.weight"], wte)
