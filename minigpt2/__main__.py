@@ -1,5 +1,5 @@
-"""``python -m minigpt2 <command>``: see ``minigpt2.cli``."""
+"""``python -m minigpt2 <command>``: see ``minigpt2.commands``."""
 
-from .cli import main
+from .commands import main
 
 raise SystemExit(main())

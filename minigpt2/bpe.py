@@ -19,7 +19,7 @@ from collections import Counter
 
 import regex
 
-from .pretokenize import GPT2_SPLIT_PATTERN, gpt2_byte_order
+from .tokenizer.pretokenize import GPT2_SPLIT_PATTERN, gpt2_byte_order
 
 
 def most_frequent_pair(pair_counts: Counter) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 This is the readable reference: plain array code, computed in the inputs' dtype (float32 or
 float64). The forms the model runs by default compute the same things with fewer passes over
-memory: ``fast_layers.py`` on the CPU, ``gpu_layers.py`` (fused CUDA kernels) on the GPU; each is
+memory: ``cpu_layers.py`` on the CPU, ``gpu_layers.py`` (fused CUDA kernels) on the GPU; each is
 tested equal to the function here of the same name, and ``GPT(..., layers="reference")`` runs
 these instead.
 

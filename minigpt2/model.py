@@ -19,7 +19,8 @@ import numbers
 
 import numpy as np
 
-from . import fast_layers, layers
+from .fast import cpu_layers as cpu_layers
+from . import layers
 from .backend import array_module, get_xp, resolve_device, resolve_dtype, upload
 from .config import (BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, check_finite, check_params,
                      param_shapes)
@@ -34,7 +35,7 @@ from .config import (BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, check_finite, chec
 PRECISIONS = ("float32", "tf32", "float16")
 
 # Which functions compute the layers (all give the same outputs and gradients):
-#   "fast"       fast_layers.py on the CPU, gpu_layers.py (fused CUDA kernels) on the GPU
+#   "fast"       cpu_layers.py on the CPU, gpu_layers.py (fused CUDA kernels) on the GPU
 #   "reference"  layers.py, the readable forms, in float32 or float64 only
 LAYER_SETS = ("fast", "reference")
 
@@ -72,7 +73,7 @@ def block_forward(x, p, n_head, dropout_p=0.0, rng=None, *, layer_set=layers, at
     ("ln_1.weight", "attn.c_attn.weight", ...) to arrays. Dropout as in GPT-2's training code
     (after the attention softmax and after each residual projection) when dropout_p > 0.
 
-    ``layer_set`` holds the layer functions (``layers``, ``fast_layers``, ``gpu_layers``: the same
+    ``layer_set`` holds the layer functions (``layers``, ``cpu_layers``, ``gpu_layers``: the same
     names). ``attention`` maps qkv (B, T, 3C) to (y (B, T, C), cache); by default the set's
     ``attention_forward`` over the T positions; generation passes one that attends to its
     KV cache as well."""
@@ -268,9 +269,9 @@ class GPT:
         """The functions that compute the layers for a precision: chosen here, once, not per call."""
         if self._layer_kind == "reference":
             return layers
-        fast = fast_layers
+        fast = cpu_layers
         if self.device == "gpu":
-            from . import gpu_layers   # imports CuPy and the CUDA kernels: only on the GPU
+            from .fast import gpu_layers  # imports CuPy and the CUDA kernels: only on the GPU
             fast = gpu_layers
         return fast.FLOAT16 if precision == "float16" else fast
 
@@ -376,7 +377,7 @@ class GPT:
         # float16: CuPy runs batched (attention) matmuls of float16 arrays in float32, so
         # those use TF32 too
         if self.device == "gpu":
-            from . import gpu_layers
+            from .fast import gpu_layers
             gpu_layers.set_tf32(self.precision in ("tf32", "float16"))
         P = self._compute_params()
         F = self.layers
@@ -526,13 +527,13 @@ class GPT:
 
     def save_pretrained(self, directory):
         """Write config.json + model.safetensors in the layout of transformers' GPT2LMHeadModel."""
-        from .hf import save_pretrained
+        from .io.hf import save_pretrained
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, device: str = "cpu", dtype="float32") -> "GPT":
         """Load GPT-2 weights saved by transformers (``GPT2LMHeadModel``/``GPT2Model``) or by
         ``save_pretrained``: config.json + model.safetensors, or the sharded form."""
-        from .hf import load_pretrained
+        from .io.hf import load_pretrained
         cfg, params = load_pretrained(directory)
         return cls(cfg, device=device, dtype=dtype, params=params)

@@ -45,7 +45,7 @@ class AdamW:
         # on the GPU one fused kernel makes adamw_update's passes in one: chosen once, here
         self._update = adamw_update
         if any(array_module(p) is not np for p in params.values()):
-            from . import kernels
+            from .fast import kernels
             self._update = kernels.adamw_update
 
     def step(self, grads: dict) -> None:

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from minigpt2 import distributed
+from minigpt2.training import distributed
 from minigpt2.backend import to_numpy
 from minigpt2.optim import AdamW
 

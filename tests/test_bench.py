@@ -87,7 +87,7 @@ def test_gpu_bench_table_and_best_batch_logic_without_a_gpu(monkeypatch, capsys)
     tokens/s stops growing or memory runs out, and the rows carry both MFU formulas."""
     from minigpt2.bench import train_gpu as g
     from minigpt2.config import GPTConfig
-    from minigpt2.info import flops_per_token
+    from minigpt2.training.sizing import flops_per_token
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=100)
     step_s = {8: 0.010, 16: 0.015, 32: 0.031}         # tokens/s: 102k, 137k, 132k
 

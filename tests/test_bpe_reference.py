@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minigpt2 import bpe
-from minigpt2.tokenizer import ENDOFTEXT, Tokenizer, count_chunks, learn_merges
+from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer, count_chunks, learn_merges
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer"
 

@@ -8,9 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from minigpt2 import GPT, GPTConfig, AdamW, checkpoint
+from minigpt2 import GPT, GPTConfig, AdamW
+from minigpt2.training import checkpoint
 from minigpt2.data import CharTokenizer
-from minigpt2.files import sha256_file
+from minigpt2.io.files import sha256_file
 
 
 def tiny_run(seed=0):

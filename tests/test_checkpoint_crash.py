@@ -14,7 +14,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from minigpt2 import GPT, GPTConfig, AdamW, checkpoint
+from minigpt2 import GPT, GPTConfig, AdamW
+from minigpt2.training import checkpoint
 from minigpt2.data import CharTokenizer, load_tokenizer
 
 OPERATIONS = ("mkdir", "open", "fsync", "link", "rename", "replace", "unlink", "rmdir", "chmod")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.info import activation_floats, estimate_memory, flops_per_token
+from minigpt2.training.sizing import activation_floats, estimate_memory, flops_per_token
 from helpers import run_cli
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minigpt2 import data
-from minigpt2.cli import main
+from minigpt2.commands import main
 
 PLAY = """# A Play
 
@@ -88,7 +88,7 @@ def test_char_tokenizer_round_trip_save_load_and_unknown_characters(tmp_path):
 
 def test_prepare_writes_uint16_token_files_with_meta_and_reuses_them(tmp_path):
     text = "".join(np.random.default_rng(0).choice(list("abcdefgh \n"), size=1000))
-    folder = data.prepare(text, "toy", "char", tmp_path)
+    folder = data.cache_tokens(text, "toy", "char", tmp_path)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["vocab_size"] == 10 and meta["tokenizer"] == "char"
     train_raw = (folder / "train.bin").read_bytes()
@@ -100,10 +100,10 @@ def test_prepare_writes_uint16_token_files_with_meta_and_reuses_them(tmp_path):
     assert tok.decode(train) + tok.decode(val) == text
     # unchanged input: the same files, not rewritten
     before = (folder / "train.bin").stat().st_mtime_ns
-    assert data.prepare(text, "toy", "char", tmp_path) == folder
+    assert data.cache_tokens(text, "toy", "char", tmp_path) == folder
     assert (folder / "train.bin").stat().st_mtime_ns == before
     # changed input: rebuilt
-    data.prepare(text[::-1], "toy", "char", tmp_path)
+    data.cache_tokens(text[::-1], "toy", "char", tmp_path)
     assert np.array_equal(np.fromfile(folder / "train.bin", dtype="<u2"),
                           tok.encode_array(text[::-1][:900]))
 
@@ -131,7 +131,7 @@ def test_tinyshakespeare_offline_gives_a_clear_message(tmp_path, monkeypatch, ca
     with pytest.raises(RuntimeError, match="offline"):
         data.download_tinyshakespeare(tmp_path, url="http://127.0.0.1:9/input.txt")
     assert not (tmp_path / "tinyshakespeare" / "input.txt").exists()
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr(data.corpus, "TINYSHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")
     status = main(["train", "--dataset", "tinyshakespeare", "--cache-dir", str(tmp_path),
                    "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()

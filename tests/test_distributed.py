@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from minigpt2 import checkpoint, distributed
-from minigpt2.cli import main
-from minigpt2.train_cli import config_from_args
+from minigpt2.training import checkpoint
+from minigpt2.training import distributed
+from minigpt2.commands import main
+from minigpt2.commands.train import config_from_args
 
 HERE = Path(__file__).parent
 
@@ -185,7 +186,7 @@ def test_with_dropout_a_resume_on_as_many_processes_is_bit_identical(runs):
 
 def test_a_resume_whose_global_batch_does_not_split_is_refused_in_one_line(runs, capsys):
     import argparse
-    from minigpt2.train_cli import add_arguments
+    from minigpt2.commands.train import add_arguments
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--resume", str(runs["one_half"])])

@@ -16,8 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from helpers import run_cli as run_subprocess
 
-from minigpt2 import GPT, GPTConfig, download
-from minigpt2.cli import main
+from minigpt2 import GPT, GPTConfig
+from minigpt2.io import download
+from minigpt2.commands import main
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"   # the fake repository's only commit
 REPO = download.REPOS["gpt2"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from minigpt2 import bpe
-from minigpt2 import exercises as E
+from minigpt2.course import exercises as E
 from minigpt2 import layers
 from minigpt2.model import top_k_logits, top_p_logits
 

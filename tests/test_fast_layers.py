@@ -1,4 +1,4 @@
-"""The CPU fast layer set (fast_layers.py) against the reference layers (layers.py): the same
+"""The CPU fast layer set (cpu_layers.py) against the reference layers (layers.py): the same
 outputs and gradients, in float64 and float32, with dropout, in one block or many; its float16 set
 within half precision; and a whole model on either set (tests/test_gpu_kernels.py does the same
 for gpu_layers.py on a GPU)."""
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import assert_grads
 
-from minigpt2 import GPT, AdamW, GPTConfig, backend, fast_layers, layers
+from minigpt2 import GPT, AdamW, GPTConfig, backend, layers
+from minigpt2.fast import cpu_layers
 from minigpt2.gradcheck import rel_error
 from minigpt2.config import BLOCK_PARAMS
 from minigpt2.model import block_backward, block_forward
@@ -32,7 +33,7 @@ def blocks(request, monkeypatch):
         monkeypatch.setattr(backend, "BLOCK_BYTES", request.param)
 
 
-@pytest.mark.parametrize("layer_set", [fast_layers, fast_layers.FLOAT16], ids=["fast", "float16"])
+@pytest.mark.parametrize("layer_set", [cpu_layers, cpu_layers.FLOAT16], ids=["fast", "float16"])
 def test_every_set_has_the_reference_names(layer_set):
     for name in LAYER_NAMES:
         assert callable(getattr(layer_set, name)), name
@@ -40,8 +41,8 @@ def test_every_set_has_the_reference_names(layer_set):
 
 def test_fast_sets_reuse_the_reference_where_nothing_changes():
     for name in ("linear_forward", "dropout_forward", "embedding_forward", "attention_step"):
-        assert getattr(fast_layers, name) is getattr(layers, name)
-        assert getattr(fast_layers.FLOAT16, name) is getattr(layers, name)
+        assert getattr(cpu_layers, name) is getattr(layers, name)
+        assert getattr(cpu_layers.FLOAT16, name) is getattr(layers, name)
 
 
 # ---- gradient checks of the fast forms themselves ---------------------------------------------
@@ -50,31 +51,31 @@ def test_fast_sets_reuse_the_reference_where_nothing_changes():
 def test_layernorm_gradients(rng, blocks):
     a = {"x": 2.0 * rng.standard_normal((B, T, C)) + 0.5,
          "w": rng.standard_normal(C), "b": rng.standard_normal(C)}
-    out, (_, _, mean, rstd) = fast_layers.layernorm_forward(a["x"], a["w"], a["b"])
+    out, (_, _, mean, rstd) = cpu_layers.layernorm_forward(a["x"], a["w"], a["b"])
     assert mean.shape == rstd.shape == (B, T, 1)  # the cache keeps the statistics per row
-    assert_grads(lambda a: fast_layers.layernorm_forward(a["x"], a["w"], a["b"]),
-                 lambda g, c: dict(zip(("x", "w", "b"), fast_layers.layernorm_backward(g, c))),
+    assert_grads(lambda a: cpu_layers.layernorm_forward(a["x"], a["w"], a["b"]),
+                 lambda g, c: dict(zip(("x", "w", "b"), cpu_layers.layernorm_backward(g, c))),
                  a, ["x", "w", "b"])
 
 
 def test_gelu_gradients(rng, blocks):
     a = {"x": 3.0 * rng.standard_normal((B, T, 4 * C))}
-    assert_grads(lambda a: fast_layers.gelu_forward(a["x"]),
-                 lambda g, c: {"x": fast_layers.gelu_backward(g, c)}, a, ["x"])
+    assert_grads(lambda a: cpu_layers.gelu_forward(a["x"]),
+                 lambda g, c: {"x": cpu_layers.gelu_backward(g, c)}, a, ["x"])
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_attention_gradients(rng, dropout_p):
     a = {"qkv": rng.standard_normal((B, T, 3 * C))}
-    fwd = lambda a: fast_layers.attention_forward(a["qkv"], H, dropout_p, np.random.default_rng(7))
-    assert_grads(fwd, lambda g, c: {"qkv": fast_layers.attention_backward(g, c)}, a, ["qkv"])
+    fwd = lambda a: cpu_layers.attention_forward(a["qkv"], H, dropout_p, np.random.default_rng(7))
+    assert_grads(fwd, lambda g, c: {"qkv": cpu_layers.attention_backward(g, c)}, a, ["qkv"])
 
 
 def test_the_gradient_check_catches_a_wrong_fast_backward(rng):
     """Negative control: the fast GELU's cache read as x (the reference's cache) is caught."""
     a = {"x": 3.0 * rng.standard_normal((B, T, 4 * C))}
     with pytest.raises(AssertionError, match="gradient of x"):
-        assert_grads(lambda a: fast_layers.gelu_forward(a["x"]),
+        assert_grads(lambda a: cpu_layers.gelu_forward(a["x"]),
                      lambda g, c: {"x": layers.gelu_backward(g, c)}, a, ["x"])
 
 
@@ -90,33 +91,33 @@ def test_fast_forms_equal_the_reference(rng, dtype, dropout_p, blocks):
     w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
     d = rng.standard_normal((B, T, C)).astype(dtype)
     out, cache = layers.layernorm_forward(x, w, b)
-    out_fast, cache_fast = fast_layers.layernorm_forward(x, w, b)
+    out_fast, cache_fast = cpu_layers.layernorm_forward(x, w, b)
     assert out_fast.dtype == dtype and rel_error(out_fast, out) < tol
-    for fast, readable in zip(fast_layers.layernorm_backward(d, cache_fast),
+    for fast, readable in zip(cpu_layers.layernorm_backward(d, cache_fast),
                               layers.layernorm_backward(d, cache)):
         assert fast.dtype == dtype and rel_error(fast, readable) < tol
 
     x = (3.0 * rng.standard_normal((B, T, 4 * C))).astype(dtype)
     d = rng.standard_normal((B, T, 4 * C)).astype(dtype)
     out, cache = layers.gelu_forward(x)
-    out_fast, cache_fast = fast_layers.gelu_forward(x)
+    out_fast, cache_fast = cpu_layers.gelu_forward(x)
     assert out_fast.dtype == dtype and rel_error(out_fast, out) < tol
-    assert rel_error(fast_layers.gelu_backward(d, cache_fast), layers.gelu_backward(d, cache)) < tol
+    assert rel_error(cpu_layers.gelu_backward(d, cache_fast), layers.gelu_backward(d, cache)) < tol
 
     qkv = rng.standard_normal((B, T, 3 * C)).astype(dtype)
     dy = rng.standard_normal((B, T, C)).astype(dtype)
     y, cache = layers.attention_forward(qkv, H, dropout_p, np.random.default_rng(1))
-    y_fast, cache_fast = fast_layers.attention_forward(qkv, H, dropout_p, np.random.default_rng(1))
+    y_fast, cache_fast = cpu_layers.attention_forward(qkv, H, dropout_p, np.random.default_rng(1))
     assert y_fast.dtype == dtype and rel_error(y_fast, y) < tol
-    dqkv_fast = fast_layers.attention_backward(dy, cache_fast)
+    dqkv_fast = cpu_layers.attention_backward(dy, cache_fast)
     assert dqkv_fast.dtype == dtype
     assert rel_error(dqkv_fast, layers.attention_backward(dy, cache)) < tol
 
 
 def test_float16_set_computes_in_float32_and_rounds_back(rng):
-    """fast_layers.FLOAT16 on float16 inputs: float16 out (the loss float32), within half
+    """cpu_layers.FLOAT16 on float16 inputs: float16 out (the loss float32), within half
     precision of the reference on the same numbers in float32."""
-    F, f16, f32 = fast_layers.FLOAT16, np.float16, np.float32
+    F, f16, f32 = cpu_layers.FLOAT16, np.float16, np.float32
     tol = 2e-3
     x = (2.0 * rng.standard_normal((B, T, C)) + 0.5).astype(f16)
     w, b = rng.standard_normal(C).astype(f16), rng.standard_normal(C).astype(f16)
@@ -166,7 +167,7 @@ def test_block_on_the_fast_set_equals_the_reference(rng, dropout_p):
     x, p, dx = rng.standard_normal((B, T, C)), block_params(rng), rng.standard_normal((B, T, C))
     draw = lambda: np.random.default_rng(11) if dropout_p else None
     y_ref, cache_ref = block_forward(x, p, H, dropout_p, draw(), layer_set=layers)
-    y_fast, cache_fast = block_forward(x, p, H, dropout_p, draw(), layer_set=fast_layers)
+    y_fast, cache_fast = block_forward(x, p, H, dropout_p, draw(), layer_set=cpu_layers)
     assert rel_error(y_fast, y_ref) < 1e-12
     (dx_ref, g_ref), (dx_fast, g_fast) = block_backward(dx, cache_ref), block_backward(dx, cache_fast)
     assert rel_error(dx_fast, dx_ref) < 1e-12
@@ -187,13 +188,13 @@ def batch(seed=0):
 
 
 def test_the_model_picks_its_layer_set_once():
-    assert GPT(CFG).layers is fast_layers
+    assert GPT(CFG).layers is cpu_layers
     assert GPT(CFG, layers="reference").layers is layers
     model = GPT(CFG)
     model.precision = "float16"
-    assert model.layers is fast_layers.FLOAT16
+    assert model.layers is cpu_layers.FLOAT16
     model.precision = "float32"
-    assert model.layers is fast_layers
+    assert model.layers is cpu_layers
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -226,9 +227,9 @@ def test_reference_and_fast_models_agree_in_float64(dropout):
 def test_reference_and_fast_models_differ_when_a_layer_does():
     """Negative control: a fast set with a wrong LayerNorm backward is caught by the comparison."""
     from types import SimpleNamespace
-    broken = SimpleNamespace(**{n: getattr(fast_layers, n) for n in LAYER_NAMES})
+    broken = SimpleNamespace(**{n: getattr(cpu_layers, n) for n in LAYER_NAMES})
     broken.layernorm_backward = lambda dout, cache: tuple(
-        g * 1.001 if i == 0 else g for i, g in enumerate(fast_layers.layernorm_backward(dout, cache)))
+        g * 1.001 if i == 0 else g for i, g in enumerate(cpu_layers.layernorm_backward(dout, cache)))
     ref = GPT(CFG, seed=3, dtype="float64", layers="reference")
     fast = GPT(CFG, seed=3, dtype="float64")
     fast.layers = broken

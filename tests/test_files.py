@@ -5,8 +5,8 @@ import stat
 
 import pytest
 
-from minigpt2 import files
-from minigpt2.files import write_atomic
+from minigpt2.io import files
+from minigpt2.io.files import write_atomic
 
 
 @pytest.fixture

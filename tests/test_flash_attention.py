@@ -88,50 +88,51 @@ def test_tiled_rejects_empty_blocks():
 
 # ---- the fast CPU form the model runs -----------------------------------------------------------
 
-from minigpt2 import GPT, GPTConfig, fast_attention, fast_layers  # noqa: E402
+from minigpt2 import GPT, GPTConfig  # noqa: E402
+from minigpt2.fast import cpu_attention, cpu_layers  # noqa: E402
 
 
 @pytest.mark.parametrize("T,rows", [(1, None), (17, 4), (64, 16), (100, 32), (130, None)])
 def test_fast_tiled_equals_the_reference(T, rows):
     qkv, dy = qkv_and_grad(2, T, 3, 8, seed=T)
     y_ref, dqkv_ref = reference(qkv, dy, 3)
-    y, cache = fast_attention.attention_forward_tiled(qkv, 3, rows)
-    assert isinstance(cache, fast_attention.TiledCache)
+    y, cache = cpu_attention.attention_forward_tiled(qkv, 3, rows)
+    assert isinstance(cache, cpu_attention.TiledCache)
     assert rel_error(y, y_ref) < 1e-12
-    assert rel_error(fast_attention.attention_backward_tiled(dy, cache), dqkv_ref) < 1e-12
+    assert rel_error(cpu_attention.attention_backward_tiled(dy, cache), dqkv_ref) < 1e-12
 
 
 def test_fast_tiled_gradient_against_finite_differences():
     qkv, g = qkv_and_grad(2, 9, 2, 4, seed=3)
-    fwd = lambda: fast_attention.attention_forward_tiled(qkv, 2, rows=4)   # noqa: E731
-    analytic = fast_attention.attention_backward_tiled(g, fwd()[1])
+    fwd = lambda: cpu_attention.attention_forward_tiled(qkv, 2, rows=4)   # noqa: E731
+    analytic = cpu_attention.attention_backward_tiled(g, fwd()[1])
     numeric = numerical_gradient(lambda: np.sum(fwd()[0] * g), qkv)
     assert rel_error(analytic, numeric) < 1e-6
 
 
 def test_block_rows_bound_the_tile():
-    assert fast_attention.block_rows(1, 12, 4096, 4, tile_bytes=1 << 24) == 85
-    assert fast_attention.block_rows(8, 12, 4096, 4, tile_bytes=1 << 24) == fast_attention.MIN_ROWS
-    assert fast_attention.block_rows(1, 1, 10, 8) == 10                 # never taller than T
+    assert cpu_attention.block_rows(1, 12, 4096, 4, tile_bytes=1 << 24) == 85
+    assert cpu_attention.block_rows(8, 12, 4096, 4, tile_bytes=1 << 24) == cpu_attention.MIN_ROWS
+    assert cpu_attention.block_rows(1, 1, 10, 8) == 10                 # never taller than T
 
 
 def test_model_attention_switches_to_tiled_at_the_threshold(monkeypatch):
     qkv, dy = qkv_and_grad(1, 12, 2, 4, dtype=np.float32)
-    monkeypatch.setattr(fast_attention, "TILED_MIN_T", 13)
-    assert not isinstance(fast_attention.attention_forward(qkv, 2)[1], fast_attention.TiledCache)
-    monkeypatch.setattr(fast_attention, "TILED_MIN_T", 12)
-    y, cache = fast_attention.attention_forward(qkv, 2)
-    assert isinstance(cache, fast_attention.TiledCache)
+    monkeypatch.setattr(cpu_attention, "TILED_MIN_T", 13)
+    assert not isinstance(cpu_attention.attention_forward(qkv, 2)[1], cpu_attention.TiledCache)
+    monkeypatch.setattr(cpu_attention, "TILED_MIN_T", 12)
+    y, cache = cpu_attention.attention_forward(qkv, 2)
+    assert isinstance(cache, cpu_attention.TiledCache)
     # attention dropout in train mode: the stored-matrix form, whose backward uses the mask
-    _, cache_d = fast_attention.attention_forward(qkv, 2, 0.1, np.random.default_rng(0))
-    assert not isinstance(cache_d, fast_attention.TiledCache)
+    _, cache_d = cpu_attention.attention_forward(qkv, 2, 0.1, np.random.default_rng(0))
+    assert not isinstance(cache_d, cpu_attention.TiledCache)
     # the CPU float16 set: computed in float32 (tiled here too), rounded back
-    y16, cache16 = fast_layers.FLOAT16.attention_forward(qkv.astype(np.float16), 2)
-    assert isinstance(cache16, fast_attention.TiledCache)
+    y16, cache16 = cpu_layers.FLOAT16.attention_forward(qkv.astype(np.float16), 2)
+    assert isinstance(cache16, cpu_attention.TiledCache)
     assert y16.dtype == np.float16 and rel_error(y16, y) < 1e-3
-    d16 = fast_layers.FLOAT16.attention_backward(dy.astype(np.float16), cache16)
+    d16 = cpu_layers.FLOAT16.attention_backward(dy.astype(np.float16), cache16)
     assert d16.dtype == np.float16
-    assert rel_error(d16, fast_attention.attention_backward(dy, cache)) < 1e-2
+    assert rel_error(d16, cpu_attention.attention_backward(dy, cache)) < 1e-2
 
 
 def test_model_on_tiled_attention_equals_stored(monkeypatch):
@@ -141,9 +142,9 @@ def test_model_on_tiled_attention_equals_stored(monkeypatch):
     targets = np.roll(idx, -1, axis=1)
     results = []
     for min_t in (10 ** 9, 1):
-        monkeypatch.setattr(fast_attention, "TILED_MIN_T", min_t)
+        monkeypatch.setattr(cpu_attention, "TILED_MIN_T", min_t)
         model = GPT(cfg, seed=1, dtype="float64")
-        assert model.layers is fast_layers
+        assert model.layers is cpu_layers
         logits, loss = model.forward(idx, targets)
         results.append((logits, loss, model.backward()))
     (l0, loss0, g0), (l1, loss1, g1) = results

@@ -7,7 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from minigpt2 import flash_kernels, layers
+from minigpt2 import layers
+from minigpt2.fast import flash_kernels
 from minigpt2.gradcheck import rel_error
 
 
@@ -98,7 +99,8 @@ def test_flash_kernels_long_context_memory_is_linear():
 @pytest.mark.gpu
 def test_model_on_the_gpu_flash_kernels_equals_the_stored_form(monkeypatch):
     """A whole model on the GPU: logits and every gradient the same with either attention."""
-    from minigpt2 import GPT, GPTConfig, gpu_layers
+    from minigpt2 import GPT, GPTConfig
+    from minigpt2.fast import gpu_layers
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=96, vocab_size=50)
     idx = np.random.default_rng(0).integers(0, 50, size=(2, 96))
     targets = np.roll(idx, -1, axis=1)

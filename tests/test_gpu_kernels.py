@@ -11,8 +11,8 @@ from minigpt2.gradcheck import rel_error
 pytestmark = pytest.mark.gpu
 
 cp = pytest.importorskip("cupy")
-kernels = pytest.importorskip("minigpt2.kernels")
-gpu_layers = pytest.importorskip("minigpt2.gpu_layers")
+kernels = pytest.importorskip("minigpt2.fast.kernels")
+gpu_layers = pytest.importorskip("minigpt2.fast.gpu_layers")
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 

@@ -44,7 +44,7 @@ def folder(tmp_path_factory):
 
 def reference(folder, examples):
     """Per-ending summed and mean losses, computed by transformers + torch + tiktoken."""
-    from minigpt2.tokenizer import gpt2_files
+    from minigpt2.tokenizer.bpe_tokenizer import gpt2_files
     encoder, bpe = gpt2_files()
     enc = tiktoken.Encoding("gpt2-local", pat_str=r50k_pat_str,
                             mergeable_ranks=data_gym_to_mergeable_bpe_ranks(str(bpe),

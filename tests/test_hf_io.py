@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.hf import config_from_hf, config_to_hf
+from minigpt2.io.hf import config_from_hf, config_to_hf
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=15)
 

@@ -99,7 +99,7 @@ def test_reference_layers_are_plain_xp_code():
     source = (PACKAGE / "layers.py").read_text(encoding="utf-8")
     mods = module_files(PACKAGE)
     imports = imported_modules("minigpt2.layers", mods)
-    assert not imports & {"minigpt2.kernels", "minigpt2.gpu_layers", "minigpt2.fast_layers"}, imports
+    assert not imports & {"minigpt2.fast.kernels", "minigpt2.fast.gpu_layers", "minigpt2.fast.cpu_layers"}, imports
     for word in ("float16", "cupy", "RawKernel", "ElementwiseKernel"):
         assert word not in source, f"layers.py mentions {word!r}: it belongs to a fast layer set"
 

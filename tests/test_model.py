@@ -8,7 +8,7 @@ import pytest
 from minigpt2 import GPT, AdamW, GPTConfig, clip_grad_norm
 from minigpt2.config import param_shapes
 from minigpt2.gradcheck import numerical_gradient, rel_error
-from minigpt2.info import parameter_breakdown
+from minigpt2.training.sizing import parameter_breakdown
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=13)
 

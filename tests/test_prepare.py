@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt2 import prepare as prep
-from minigpt2 import shards
-from minigpt2.tokenizer import ENDOFTEXT, Tokenizer, gpt2_files
+from minigpt2.data import prepare as prep
+from minigpt2.data import shards
+from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer, gpt2_files
 from helpers import run_cli
 
 tiktoken = pytest.importorskip("tiktoken")

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from helpers import one_line_error, run_cli
 from minigpt2 import GPT, GPTConfig, Tokenizer
-from minigpt2.cli import main
+from minigpt2.commands import main
 from minigpt2.config import param_shapes
 from minigpt2.data import CharTokenizer
 from minigpt2.model import sample_next

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from minigpt2 import checkpoint
-from minigpt2.files import FolderInUse, FolderLock
+from minigpt2.training import checkpoint
+from minigpt2.io.files import FolderInUse, FolderLock
 
 from helpers import run_cli
 from test_distributed import ENV, mpi_train, needs_mpi

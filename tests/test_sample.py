@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.cli import main
+from minigpt2.commands import main
 from minigpt2.data import CharTokenizer
-from minigpt2.sample import SEPARATOR
+from minigpt2.commands.sample import SEPARATOR
 
 
 def run_cli(args, capsys):
@@ -94,7 +94,7 @@ def test_download_offline_says_so_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_download_check_accepts_a_matching_folder_and_refuses_a_mismatch(tmp_path):
-    from minigpt2.download import check_download
+    from minigpt2.io.download import check_download
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=7)).save_pretrained(
         tmp_path)
     assert "parameters" in check_download(tmp_path)

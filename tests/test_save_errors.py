@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from minigpt2 import checkpoint, train as train_mod
+from minigpt2.training import checkpoint
+from minigpt2.training import loop as train_mod
 
 from test_distributed import MPIEXEC, needs_mpi
 from test_train import TINY, corpus, run_cli

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt2.bench.tokenizer import python_sources
-from minigpt2.pretokenize import _ASCII_SPLIT, _SPLIT
-from minigpt2.tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer, bytes_to_unicode,
+from minigpt2.tokenizer.pretokenize import _ASCII_SPLIT, _SPLIT
+from minigpt2.tokenizer.bpe_tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer, bytes_to_unicode,
                                 gpt2_byte_order, gpt2_files, safe_split, split_chunks)
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -298,7 +298,7 @@ def test_corrupted_vocabulary_files_are_clear_errors(tmp_path):
 
 
 def test_damaged_gpt2_file_fails_the_sha256_check(tmp_path):
-    from minigpt2.tokenizer import GPT2_FILES_SHA256, check_sha256
+    from minigpt2.tokenizer.bpe_tokenizer import GPT2_FILES_SHA256, check_sha256
     folder = _copy_gpt2(tmp_path)
     check_sha256(folder / "vocab.bpe", GPT2_FILES_SHA256["vocab.bpe"])   # the intact copy passes
     with open(folder / "vocab.bpe", "a", encoding="utf-8") as f:

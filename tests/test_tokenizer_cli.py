@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt2.cli import main
-from minigpt2.tokenizer import Tokenizer
+from minigpt2.commands import main
+from minigpt2.tokenizer.bpe_tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer"
 

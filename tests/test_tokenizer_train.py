@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt2.tokenizer import ENDOFTEXT, Tokenizer
+from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 

@@ -9,9 +9,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from minigpt2 import GPT, GPTConfig, AdamW
-from minigpt2 import checkpoint, train as train_mod
-from minigpt2.cli import main
-from minigpt2.train import TrainConfig, lr_at, train, train_step
+from minigpt2.training import checkpoint
+from minigpt2.training import loop as train_mod
+from minigpt2.commands import main
+from minigpt2.training.loop import TrainConfig, lr_at, train, train_step
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
         "--batch-size", "4", "--eval-iters", "2", "--no-progress", "--sample-tokens", "0"]

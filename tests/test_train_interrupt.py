@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from minigpt2 import checkpoint
+from minigpt2.training import checkpoint
 
 
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -11,9 +11,10 @@ import signal
 import numpy as np
 import pytest
 
-from minigpt2 import GPT, GPTConfig, checkpoint, data
-from minigpt2.cli import main
-from minigpt2.train import Stopped, TrainConfig, _StopFlag, lr_at
+from minigpt2 import GPT, GPTConfig, data
+from minigpt2.training import checkpoint
+from minigpt2.commands import main
+from minigpt2.training.loop import Stopped, TrainConfig, _StopFlag, lr_at
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
         "--batch-size", "4", "--eval-iters", "1", "--no-progress", "--sample-tokens", "0"]
@@ -363,7 +364,7 @@ def test_a_second_signal_stops_at_once_with_the_signals_status(signum, status):
 def test_sigterm_outside_the_loop_stops_the_command_as_ctrl_c_does():
     """Before and after the training loop (preparing data, sampling) SIGTERM ends the train
     command through the same path as Ctrl-C, with status 143."""
-    from minigpt2.train_cli import _sigterm_as_interrupt
+    from minigpt2.commands.train import _sigterm_as_interrupt
     with pytest.raises(Stopped) as stopped:
         with _sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt2 import data, shards
-from minigpt2 import prepare as prep
-from minigpt2.cli import main
-from minigpt2.tokenizer import ENDOFTEXT, Tokenizer
-from minigpt2.train import TrainConfig, setup, train
+from minigpt2 import data
+from minigpt2.data import shards
+from minigpt2.data import prepare as prep
+from minigpt2.commands import main
+from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
+from minigpt2.training.loop import TrainConfig, setup, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hellaswag_mini.jsonl"
 WORDS = ["to", "be", "or", "not", "the", "king", "queen", "thou", "art", "my", "lord", "\n"]
@@ -147,7 +148,7 @@ def test_recipe_config_is_the_124m_run():
     """configs/gpt2-124m.toml loads through --config's reader and passes the checks:
     GPT-2 124M, 524,288 tokens per step, 18,865 steps."""
     from minigpt2.config import GPTConfig
-    from minigpt2.train_cli import _load_config_file
+    from minigpt2.commands.train import _load_config_file
     path = Path(__file__).parent.parent / "configs" / "gpt2-124m.toml"
     cfg = TrainConfig(**_load_config_file(path))
     cfg.check()

@@ -1,5 +1,5 @@
 """``python -m minigpt2 bench attention``: the memory of long-context training on the CPU, with
-the attention that stores the (B, H, T, T) matrix and with the tiled one (``fast_attention``).
+the attention that stores the (B, H, T, T) matrix and with the tiled one (``cpu_attention``).
 
 Each form runs in a fresh subprocess: build the model, one forward and backward at B x T, then
 report the process's peak resident memory (the kernel's VmHWM: everything, the interpreter and
@@ -43,9 +43,9 @@ def _status_mib(field) -> float:
 
 def measure(cfg, B, form) -> dict:
     """In the subprocess: one forward and backward with the given attention form."""
-    from .. import fast_attention
+    from ..fast import cpu_attention as cpu_attention
     from ..model import GPT
-    fast_attention.TILED_MIN_T = 1 if form == "tiled" else sys.maxsize
+    cpu_attention.TILED_MIN_T = 1 if form == "tiled" else sys.maxsize
     model = GPT(cfg, seed=0)
     idx, targets = batch_for(cfg, B)
     built = _status_mib("VmRSS")

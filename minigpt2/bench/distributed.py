@@ -55,9 +55,9 @@ def _sync(device):
 
 def worker(args) -> int:
     """One process of the measurement (under mpiexec, or alone): rank 0 prints a JSON line."""
-    from .. import distributed
+    from ..training import distributed
     from ..model import GPT
-    from ..train import TrainConfig, train_step
+    from ..training.loop import TrainConfig, train_step
     comm = distributed.world()
     dp = distributed.DataParallel(comm, args.device, args.zero)
     cfg = config_from_args(args)
@@ -102,7 +102,7 @@ def worker(args) -> int:
 
 
 def _measure(args, n) -> dict:
-    from ..distributed import INSTALL
+    from ..training.distributed import INSTALL
     argv = [sys.executable, "-m", "minigpt2", "bench", "distributed", "--_worker"]
     for flag in ("preset", "n_layer", "n_head", "n_embd", "vocab_size", "batch_size",
                  "block_size", "steps", "warmup", "zero", "device"):

@@ -67,7 +67,7 @@ def _vocabulary(rng: np.random.Generator) -> np.ndarray:
     from .tokenizer import python_sources
     text = python_sources(3_000_000)
     try:
-        from ..data import shakespeare_text
+        from ..data.corpus import shakespeare_text
         text += shakespeare_text()
     except FileNotFoundError:
         pass
@@ -190,8 +190,8 @@ def run_prepare(corpus: Path, out: Path, workers: int, shard_tokens: int) -> dic
 
 _WORKER_BOUND = """
 import json, random
-from minigpt2 import prepare
-from minigpt2.tokenizer import Tokenizer
+from minigpt2.data import prepare
+from minigpt2.tokenizer.bpe_tokenizer import Tokenizer
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
@@ -229,7 +229,7 @@ def _tiktoken():
     except ImportError:
         raise RuntimeError("bench prepare compares with tiktoken, a test-only dependency: "
                            "pip install -r requirements-dev.txt") from None
-    from ..tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, gpt2_files
+    from ..tokenizer.bpe_tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, gpt2_files
     encoder, bpe = gpt2_files()
     ranks = data_gym_to_mergeable_bpe_ranks(str(bpe), str(encoder))
     return tiktoken.Encoding("gpt2-local", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
@@ -239,7 +239,7 @@ def _tiktoken():
 def tiktoken_pass(corpus: Path, prepared: Path) -> dict:
     """tiktoken's encode_ordinary_batch over the corpus (timed), each document's ids compared
     with the prepared shards."""
-    from ..shards import TokenStream, read_manifest
+    from ..data.shards import TokenStream, read_manifest
     enc = _tiktoken()
     manifest = read_manifest(prepared)
     stream = TokenStream([prepared / s["file"] for s in manifest["shards"]])

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..tokenizer import GPT2_SPLIT_PATTERN, Tokenizer, gpt2_files
+from ..tokenizer.bpe_tokenizer import GPT2_SPLIT_PATTERN, Tokenizer, gpt2_files
 from .common import best_of
 
 MB = 1e6
@@ -41,7 +41,7 @@ def bench_text(data: Path | None) -> str:
         if not data.is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
         return data.read_text(encoding="utf-8")
-    from ..data import shakespeare_text
+    from ..data.corpus import shakespeare_text
     return shakespeare_text() + python_sources(2_000_000)
 
 

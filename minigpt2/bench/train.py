@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from ..info import flops_per_token
+from ..training.sizing import flops_per_token
 from .common import (add_model_arguments, batch_for, best_of, blas_threads, config_from_args,
                      import_torch, model_argv, timed, torch_adamw, torch_twin)
 

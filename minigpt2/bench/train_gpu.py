@@ -50,7 +50,7 @@ import sys
 
 import numpy as np
 
-from ..info import estimate_memory, flops_per_token
+from ..training.sizing import estimate_memory, flops_per_token
 from .common import batch_for, import_torch, model_argv, torch_adamw, torch_twin
 
 GiB = 1024 ** 3
@@ -89,7 +89,7 @@ def cuda_timed(xp, fn) -> float:
 
 def gpu_gemm_flops(cupy, precision, n=8192, repeat=3) -> float:
     """FLOP/s of an n^3 matrix multiply on the GPU in ``precision``."""
-    from ..gpu_layers import set_tf32
+    from ..fast.gpu_layers import set_tf32
     set_tf32(precision == "tf32")
     dtype = cupy.float16 if precision == "float16" else cupy.float32
     a = cupy.random.standard_normal((n, n), dtype=cupy.float32).astype(dtype)
@@ -173,7 +173,7 @@ def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False
     """minigpt2's step on the GPU; returns (step, losses, scaler, phase timer or None)."""
     import cupy
 
-    from .. import gpu_layers
+    from ..fast import gpu_layers
     from ..model import GPT
     from ..optim import AdamW, LossScaler, global_norm
     gpu_layers.GPU_FLASH = attention == "flash"
@@ -364,7 +364,7 @@ def print_rows(args, cfg, precision, B, rows):
     losses = ", ".join(f"{v:.3f}" for v in ours["losses"])
     skipped = f"; skipped steps {ours['skipped_steps']}" if "skipped_steps" in ours else ""
     print(f"  minigpt2 losses on the fixed batch, step by step: {losses}{skipped}")
-    from ..flash_kernels import supports
+    from ..fast.flash_kernels import supports
     flash = args.attention == "flash" and supports(np.float16 if precision == "float16"
                                                    else np.float32, cfg.n_embd // cfg.n_head)
     est = estimate_memory(cfg, B, T, precision=precision, recompute=args.recompute,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import data
+from ..data import corpus as data
 from ..backend import array_module, to_numpy
-from ..checkpoint import load_model_folder
+from ..training.checkpoint import load_model_folder
 
 EOT = "<|endoftext|>"
 

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .files import write_atomic
-from .pretokenize import safe_split
+from ..io.files import write_atomic
+from ..tokenizer.pretokenize import safe_split
 
 
 def encode_file(tok, src, dst, workers: int | None = None, allowed_special="all",

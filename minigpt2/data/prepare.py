@@ -46,8 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from . import shards
-from .data import TOKEN_DTYPE
-from .files import write_atomic
+from .corpus import TOKEN_DTYPE
+from ..io.files import write_atomic
 
 STATE = "prepare.json"
 FORMAT = 1
@@ -424,8 +424,8 @@ def resolve_tokenizer(spec):
     """(tokenizer, name) for --tokenizer: "gpt2", a folder holding a saved BPE tokenizer
     (vocab.json + merges.txt), or a ``Tokenizer``. The name is "gpt2" when the vocabulary is
     GPT-2's, else "bpe"."""
-    from .data import is_gpt2
-    from .tokenizer import Tokenizer
+    from .corpus import is_gpt2
+    from ..tokenizer.bpe_tokenizer import Tokenizer
     named_gpt2 = spec == "gpt2"
     if isinstance(spec, Tokenizer):
         tok, spec = spec, spec.name

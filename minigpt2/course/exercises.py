@@ -26,8 +26,8 @@ import math
 
 import numpy as np
 
-from . import layers
-from .gradcheck import numerical_gradient, rel_error
+from .. import layers
+from ..gradcheck import numerical_gradient, rel_error
 
 GRAD_TOL = 1e-6    # float64 finite differences with eps = 1e-6: a right backward gives ~1e-9
 MATCH_TOL = 1e-9   # float64 against the reference computed the same way
@@ -120,7 +120,7 @@ def bpe_words(text: str) -> dict:
     ``order[i]``), so that merges learned from these words are ``bpe.train``'s merges."""
     from collections import Counter
 
-    from .pretokenize import gpt2_byte_order, split_chunks
+    from ..tokenizer.pretokenize import gpt2_byte_order, split_chunks
     byte_id = {b: i for i, b in enumerate(gpt2_byte_order())}
     return {tuple(byte_id[b] for b in chunk.encode("utf-8")): n
             for chunk, n in Counter(split_chunks(text)).items()}
@@ -128,7 +128,7 @@ def bpe_words(text: str) -> dict:
 
 def bpe_chunk_ids(chunk: str) -> list[int]:
     """One chunk's bytes as the tokenizer's byte ids (see ``bpe_words``)."""
-    from .pretokenize import gpt2_byte_order
+    from ..tokenizer.pretokenize import gpt2_byte_order
     byte_id = {b: i for i, b in enumerate(gpt2_byte_order())}
     return [byte_id[b] for b in chunk.encode("utf-8")]
 
@@ -140,7 +140,7 @@ _BPE_TEXTS = (
 
 
 def _bpe_grading_text() -> str:
-    from .data import shakespeare_text
+    from ..data.corpus import shakespeare_text
     return _BPE_TEXTS[0] + "\n" + shakespeare_text()[:6000]
 
 
@@ -151,7 +151,7 @@ def check_bpe_train(train_bpe, num_merges: int = 60) -> None:
     order learned, merge k creating id 256 + k. Rule: count every adjacent pair weighted by its
     word's count; merge the most frequent, ties going to the smallest pair. Compared with the
     merges the readable reference ``bpe.train`` learns from the same text."""
-    from . import bpe
+    from .. import bpe
     gr = _Grader("train_bpe")
     for text, n in ((_BPE_TEXTS[0], 8), (_bpe_grading_text(), num_merges)):
         words = bpe_words(text)
@@ -184,7 +184,7 @@ def _pair_counts_at(words, merges):
     """Pair counts after applying ``merges`` (ids 256+k) to ``words``: for the grader's hint."""
     from collections import Counter
 
-    from .bpe import merge
+    from ..bpe import merge
     words = dict(words)
     for k, pair in enumerate(merges):
         words = {merge(w, pair, 256 + k): n for w, n in words.items()}
@@ -200,9 +200,9 @@ def check_bpe_encode(encode_chunk) -> None:
     the merge creating id 256 + r. Rule: merge the adjacent pair of lowest rank, repeat until no
     pair has a rank. Compared chunk by chunk with the readable reference ``bpe.encode_chunk``
     on GPT-2's vocabulary and merges (``Tokenizer.gpt2``)."""
-    from . import bpe
-    from .pretokenize import split_chunks
-    from .tokenizer import Tokenizer
+    from .. import bpe
+    from ..tokenizer.pretokenize import split_chunks
+    from ..tokenizer.bpe_tokenizer import Tokenizer
     gr = _Grader("encode_chunk")
     tok = Tokenizer.gpt2()
     ranks = {pair: r for r, pair in enumerate(tok.merges)}
@@ -563,7 +563,7 @@ def check_adamw(adamw_step) -> None:
     the array p in place (m and v too), t the step counting from 1, weight decay only for
     arrays of 2 or more dimensions. Compared with ``optim.AdamW`` (itself tested against
     torch.optim.AdamW) over 5 steps."""
-    from .optim import AdamW
+    from ..optim import AdamW
     gr = _Grader("adamw_step")
     rng = np.random.default_rng(9)
     hyper = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -603,7 +603,7 @@ def check_adamw(adamw_step) -> None:
 def check_lr_schedule(lr_at) -> None:
     """Grade ``lr_at(step, lr, min_lr, warmup_iters, decay_iters) -> float`` against
     ``train.lr_at`` (linear warm-up, cosine decay to min_lr, then min_lr)."""
-    from .train import TrainConfig, lr_at as reference
+    from ..training.loop import TrainConfig, lr_at as reference
     gr = _Grader("lr_at")
     for lr, min_lr, warmup, decay in ((1e-3, 1e-4, 10, 100), (6e-4, 6e-5, 0, 50),
                                       (1.0, 0.0, 5, 20)):
@@ -642,7 +642,7 @@ def check_top_k(top_k_logits) -> None:
     """Grade ``top_k_logits(logits, k)``: logits (B, V); the k largest of each row kept (ties
     with the k-th kept), the others set to -1e10; k = 0 keeps everything. Compared with
     ``model.top_k_logits``."""
-    from .model import top_k_logits as reference
+    from ..model import top_k_logits as reference
     gr = _Grader("top_k_logits")
     logits = _sampling_rows()
     for k in (1, 2, 3, 5, logits.shape[1], 0):
@@ -662,7 +662,7 @@ def check_top_k(top_k_logits) -> None:
 def check_top_p(top_p_logits) -> None:
     """Grade ``top_p_logits(logits, p)`` against ``model.top_p_logits`` (openai/gpt-2's rule:
     keep the most likely tokens while their cumulative probability is <= p, at least one)."""
-    from .model import top_p_logits as reference
+    from ..model import top_p_logits as reference
     gr = _Grader("top_p_logits")
     logits = _sampling_rows()
     for p in (0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 1.0):

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import TOKEN_DTYPE, read_tokens
-from .files import fsync_dir, sha256_file
+from .corpus import TOKEN_DTYPE, read_tokens
+from ..io.files import fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -87,7 +87,7 @@ def read_manifest(directory) -> dict:
 
 def load_tokenizer(directory, manifest: dict):
     """The tokenizer the shards were encoded with: GPT-2's, or the one saved in the folder."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer.bpe_tokenizer import Tokenizer
     name = manifest["tokenizer"]
     if name == "gpt2":
         return Tokenizer.gpt2()

@@ -22,13 +22,13 @@ import json
 import sys
 from pathlib import Path
 
-from . import prompts
-from .cbt import cbt
-from .hellaswag import hellaswag, read_examples
-from .common import load_model
-from .jsonl import check_file, check_writable, read_jsonl, write_jsonl
-from .lambada import lambada
-from .perplexity import DETOKENIZERS, perplexity
+from ..eval import prompts
+from ..eval.cbt import cbt
+from ..eval.hellaswag import hellaswag, read_examples
+from ..eval.common import load_model
+from ..eval.jsonl import check_file, check_writable, read_jsonl, write_jsonl
+from ..eval.lambada import lambada
+from ..eval.perplexity import DETOKENIZERS, perplexity
 
 TASKS = {
     "perplexity": "sliding-window perplexity of a text file: per token, per word, bits per "

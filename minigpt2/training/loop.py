@@ -37,13 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, distributed, shards
-from .backend import resolve_device, resolve_dtype
-from .config import PRESETS, GPTConfig
+from . import checkpoint, distributed
+from ..data import corpus as data, shards
+from ..backend import resolve_device, resolve_dtype
+from ..config import PRESETS, GPTConfig
 from .distributed import DataParallel, on_every_process
-from .files import FolderLock, fsync_dir, write_atomic
-from .model import GPT, PRECISIONS
-from .optim import AdamW, LossScaler
+from ..io.files import FolderLock, fsync_dir, write_atomic
+from ..model import GPT, PRECISIONS
+from ..optim import AdamW, LossScaler
 
 METRICS = "metrics.jsonl"
 
@@ -261,7 +262,7 @@ def _model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
 def _load_weights(directory, cfg: TrainConfig, vocab_size: int, what: str):
     """(GPTConfig with this run's dropout, host params) of a model folder, checked against the
     data's vocabulary and this run's block size (a shorter one crops wpe, as nanoGPT does)."""
-    from .hf import load_pretrained
+    from ..io.hf import load_pretrained
     mcfg, params = load_pretrained(directory)
     if mcfg.vocab_size != vocab_size:
         raise ValueError(f"{what} {directory} has a vocabulary of {mcfg.vocab_size} tokens but "
@@ -280,7 +281,7 @@ def _prepare_data(cfg: TrainConfig, tokenizer, log=print):
     if shards.is_prepared(cfg.data):        # a folder written by ``prepare``: shards as they are
         return shards.training_data(cfg.data, tokenizer, cfg.block_size, log=log)
     name, text = data.load_source(cfg.data, cfg.dataset, cfg.cache_dir)
-    folder = data.prepare(text, name, cfg.tokenizer, cfg.cache_dir, cfg.vocab_size,
+    folder = data.cache_tokens(text, name, cfg.tokenizer, cfg.cache_dir, cfg.vocab_size,
                           tokenizer=tokenizer)
     meta, train_ids, val_ids = data.load_prepared(folder)
     if tokenizer is None:
@@ -449,7 +450,7 @@ class Run:
 def _run_files(out: Path) -> list[str]:
     """The entries of ``out`` that starting a run there would replace or delete: a model
     (a downloaded Hugging Face folder, a copied best/), a tokenizer, a checkpoint, a log."""
-    from .hf import INDEX
+    from ..io.hf import INDEX
     names = (checkpoint.STATE, *checkpoint.MODEL_FILES, INDEX, checkpoint.OPTIMIZER,
              *checkpoint.TOKENIZER_FILES, "encoder.json", "vocab.bpe", checkpoint.BEST, METRICS,
              checkpoint.PREVIOUS)   # (a cut save's step before: never resumed into a new run)
@@ -534,7 +535,7 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         cfg = _continue_schedule(cfg, state["config"], quiet)
     examples = None
     if cfg.hellaswag is not None:
-        from .eval.hellaswag import check_examples, read_examples
+        from ..eval.hellaswag import check_examples, read_examples
         if not data.is_gpt2(tokenizer):
             raise ValueError("--hellaswag scores GPT-2-tokenized text, but this run's tokenizer "
                              f"is {data.tokenizer_name(tokenizer)} ({meta.get('tokenizer')}): "
@@ -649,7 +650,7 @@ def _train(cfg: TrainConfig, resume: str | None, overwrite: bool, progress: bool
             line = (f"step {run.step}: train loss {losses['train']:.4f}, "
                     f"val loss {losses['val']:.4f}")
             if run.hellaswag:
-                from .eval.hellaswag import hellaswag
+                from ..eval.hellaswag import hellaswag
                 h = hellaswag(model, run.tokenizer, run.hellaswag)
                 losses.update(hellaswag_acc=h["acc"], hellaswag_acc_norm=h["acc_norm"],
                               hellaswag_n=h["n"])
@@ -745,7 +746,7 @@ def sample_text(model, tokenizer, n_tokens, prompt=None, temperature=0.8, top_k=
                 top_p=None, seed=None) -> str:
     """``n_tokens`` generated after ``prompt`` (default: a newline for character models,
     <|endoftext|> for BPE), decoded to text, prompt included."""
-    from .sample import default_prompt, encode_prompt
+    from ..commands.sample import default_prompt, encode_prompt
     prompt = default_prompt(tokenizer) if prompt is None else prompt
     ids = encode_prompt(tokenizer, prompt)
     model.eval()

@@ -1,4 +1,4 @@
-"""Causal attention on the CPU, the forms the fast layer set runs (``fast_layers.attention_forward``
+"""Causal attention on the CPU, the forms the fast layer set runs (``cpu_layers.attention_forward``
 and ``attention_backward`` are the two dispatchers at the end of this file).
 
 Contract: the same y and dqkv as ``layers.attention_forward``/``attention_backward`` (and as the
@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layers import _merge_heads, _split_heads, dropout_forward
+from ..layers import _merge_heads, _split_heads, dropout_forward
 
 # the tiled form runs on the CPU from this sequence length on (docs/performance.md measures it)
 TILED_MIN_T = 1024
@@ -188,7 +188,7 @@ def attention_backward_tiled(dy, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# the choice (fast_layers.attention_forward / attention_backward)
+# the choice (cpu_layers.attention_forward / attention_backward)
 
 
 def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):

@@ -23,7 +23,7 @@ import functools
 import cupy as cp
 import numpy as np
 
-from .cuda_source import COMMON as _COMMON   # accumulation type, float16 loads, warp sums
+from .cuda_source import COMMON as _COMMON  # accumulation type, float16 loads, warp sums
 
 
 # One warp per row: a row of C (LayerNorm) or T (attention) values is read by 32 lanes, each
@@ -277,7 +277,7 @@ def layernorm_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# GELU: one elementwise kernel writes gelu(x) and gelu'(x) (fast_layers.gelu_forward's pair)
+# GELU: one elementwise kernel writes gelu(x) and gelu'(x) (cpu_layers.gelu_forward's pair)
 
 _gelu = cp.ElementwiseKernel(
     "T x", "T y, T d",
@@ -296,7 +296,7 @@ _gelu = cp.ElementwiseKernel(
 
 
 def gelu_forward(x):
-    """Fused ``fast_layers.gelu_forward``: one read of x, one write each of gelu(x) and gelu'(x),
+    """Fused ``cpu_layers.gelu_forward``: one read of x, one write each of gelu(x) and gelu'(x),
     instead of fourteen element-wise passes. -> (out, gelu'(x))."""
     return _gelu(x)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import BLOCK_PARAMS, PRESETS, GPTConfig, param_shapes
+from ..config import BLOCK_PARAMS, PRESETS, GPTConfig, param_shapes
 from .distributed import BUCKET_BYTES
-from .hf import read_config
+from ..io.hf import read_config
 
 GiB = 1024 ** 3
 
@@ -40,14 +40,14 @@ def activation_floats(cfg: GPTConfig, batch_size: int, T: int, recompute: bool =
     fast GELU keeps gelu'(x) instead of x), LayerNorm mean and rstd (4), and one row of
     attention probabilities per head (H*T), or with tiled attention one log-sum-exp per head
     (H; its output is the merged heads already counted). ``tiled_attention`` None: as the CPU
-    decides, tiled from ``fast_attention.TILED_MIN_T`` on when dropout is off (the GPU's flash
+    decides, tiled from ``cpu_attention.TILED_MIN_T`` on when dropout is off (the GPU's flash
     kernels are tiled at every T: pass True).
     Then ln_f's input and output (2C + 2), and the logits plus their softmax (2V).
     Dropout, when on, adds its masks: H*T + 2C per block and C for the embedding.
     With ``recompute`` each block keeps only its input (C), and one block at a time holds the
     rest while its backward runs.
     """
-    from .fast_attention import TILED_MIN_T
+    from ..fast.cpu_attention import TILED_MIN_T
     C, H, V, L = cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
     if tiled_attention is None:
         tiled_attention = T >= TILED_MIN_T

@@ -50,10 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
-from .backend import to_numpy
-from .files import fsync_dir, sha256_file, write_atomic
-from .model import GPT
+from ..data import corpus as data
+from ..backend import to_numpy
+from ..io.files import fsync_dir, sha256_file, write_atomic
+from ..model import GPT
 
 STATE = "train_state.json"
 OPTIMIZER = "optimizer.safetensors"

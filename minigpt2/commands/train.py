@@ -12,9 +12,9 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import checkpoint, distributed
-from .distributed import DataParallel
-from .train import Stopped, TrainConfig, setting_problem, train
+from ..training import checkpoint, distributed
+from ..training.distributed import DataParallel
+from ..training.loop import Stopped, TrainConfig, setting_problem, train
 
 # settings a resumed run may change; the rest must stay as saved, or the run would not continue
 RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",

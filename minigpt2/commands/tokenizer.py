@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .tokenizer import ENDOFTEXT, Tokenizer
+from ..tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
 
 
 def add_arguments(p):
@@ -84,7 +84,7 @@ def run_train(args) -> int:
             docs.append(read_utf8(f))
         source = f"{len(docs)} file(s)"
     else:
-        from .data import shakespeare_text
+        from ..data.corpus import shakespeare_text
         docs = [shakespeare_text()]
         source = "the embedded Shakespeare corpus"
     specials = tuple(args.special) if args.special is not None else (ENDOFTEXT,)

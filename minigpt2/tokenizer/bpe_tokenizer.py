@@ -36,10 +36,10 @@ from pathlib import Path
 
 import regex
 
-from .bpe_trainer import count_chunks, learn_merges
+from .trainer import count_chunks, learn_merges
 from .pretokenize import (GPT2_SPLIT_PATTERN, _fix_surrogates, bytes_to_unicode,
                           gpt2_byte_order, safe_split, split_chunks)
-from .token_files import encode_file
+from ..data.token_files import encode_file
 
 # The public names of the tokenizer, importable from here wherever they live (the pattern and
 # byte alphabet in pretokenize.py, the trainer in bpe_trainer.py).
@@ -478,7 +478,7 @@ class Tokenizer:
         """Write ``vocab.json`` (token -> id, all tokens) and ``merges.txt`` (``#version: 0.2``
         header, one merge per line in rank order, final newline) — GPT-2's encoder.json and
         vocab.bpe under the Hugging Face names, readable by transformers and tiktoken."""
-        from .files import write_atomic
+        from ..io.files import write_atomic
 
         directory = Path(directory)
         table = {self.token_str(i): i for i in sorted(self._decoder)}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_atomic
+from ..io.files import write_atomic
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                        "tinyshakespeare/input.txt")
@@ -276,14 +276,14 @@ def load_tokenizer(directory, default_gpt2=True):
     bpe_files = ((directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()) \
         or ((directory / "encoder.json").is_file() and (directory / "vocab.bpe").is_file())
     if bpe_files or default_gpt2:
-        from .tokenizer import Tokenizer  # imported only when BPE is used
+        from ..tokenizer.bpe_tokenizer import Tokenizer  # imported only when BPE is used
         return Tokenizer.load(directory) if bpe_files else Tokenizer.gpt2()
     return None
 
 
 @functools.lru_cache(maxsize=1)
 def _gpt2_reference():
-    from .tokenizer import Tokenizer
+    from ..tokenizer.bpe_tokenizer import Tokenizer
     return Tokenizer.gpt2()
 
 
@@ -311,7 +311,7 @@ def make_tokenizer(kind: str, text: str, vocab_size: int | None = None):
             raise ValueError(f"the text has {tok.vocab_size} distinct characters, more than "
                              "uint16 token files hold; use --tokenizer gpt2")
         return tok
-    from .tokenizer import Tokenizer  # BPE: imported only when asked for
+    from ..tokenizer.bpe_tokenizer import Tokenizer  # BPE: imported only when asked for
     if kind == "gpt2":
         return Tokenizer.gpt2()
     if kind == "bpe":
@@ -355,7 +355,7 @@ def read_tokens(path) -> np.ndarray:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
 
 
-def prepare(text: str, name: str, kind: str = "char", directory=None, vocab_size=None,
+def cache_tokens(text: str, name: str, kind: str = "char", directory=None, vocab_size=None,
             tokenizer=None) -> Path:
     """Tokenize ``text`` into ``<cache>/tokens/<name>-<kind>/{train,val}.bin`` + meta.json +
     the tokenizer's files, unless that folder already holds the same text and tokenizer.

@@ -31,9 +31,9 @@ import cupy as cp
 import numpy as np
 
 from . import flash_kernels, kernels
-from .fast_attention import qkv_heads
-from .fast_layers import gelu_backward
-from .layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
+from .cpu_attention import qkv_heads
+from .cpu_layers import gelu_backward
+from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
                      dropout_backward, dropout_forward, embedding_backward, embedding_forward,
                      linear_backward, linear_forward, softmax)
 

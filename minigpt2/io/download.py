@@ -299,7 +299,7 @@ def check_download(directory: Path) -> str:
     weights. Returns a one-line summary."""
     from safetensors import SafetensorError, safe_open
 
-    from .config import param_shapes
+    from ..config import param_shapes
     from .hf import config_from_hf
     cfg = config_from_hf(json.loads((directory / "config.json").read_text()))
     expected = param_shapes(cfg)

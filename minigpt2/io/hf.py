@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from .backend import to_numpy
-from .config import LAYER_NORM_EPS, GPTConfig, check_finite, check_params, param_shapes
+from ..backend import to_numpy
+from ..config import LAYER_NORM_EPS, GPTConfig, check_finite, check_params, param_shapes
 from .files import write_atomic
 
 CONFIG = "config.json"

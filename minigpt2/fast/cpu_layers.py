@@ -8,9 +8,9 @@ outputs and gradients (tested equal in tests/test_fast_layers.py); only the cach
   stay in the CPU cache across the several in-place passes made over it, instead of streaming the
   whole array from memory once per pass.
 - GELU computes tanh once and keeps gelu'(x), so its backward is one multiply.
-- Attention (``fast_attention.py``) puts the scale into q, adds the causal mask in place and runs
+- Attention (``cpu_attention.py``) puts the scale into q, adds the causal mask in place and runs
   the softmax and its backward in place in the (B, H, T, T) scores' buffer; from
-  ``fast_attention.TILED_MIN_T`` tokens on (without attention dropout) it runs tiled instead,
+  ``cpu_attention.TILED_MIN_T`` tokens on (without attention dropout) it runs tiled instead,
   never holding a (T, T) matrix.
 
 ``FLOAT16`` is the same set for float16 activations (mixed precision): NumPy has no fast float16
@@ -28,9 +28,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import fast_attention, layers
-from .backend import array_module, block_slices
-from .layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
+from . import cpu_attention as cpu_attention
+from .. import layers
+from ..backend import array_module, block_slices
+from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
                      dropout_backward, dropout_forward, embedding_backward, embedding_forward,
                      linear_backward, linear_forward, softmax)
 
@@ -137,11 +138,11 @@ def gelu_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# causal multi-head self-attention: fast_attention.py (the stored form in place below
+# causal multi-head self-attention: cpu_attention.py (the stored form in place below
 # TILED_MIN_T, the tiled FlashAttention form from there on)
 
-attention_forward = fast_attention.attention_forward
-attention_backward = fast_attention.attention_backward
+attention_forward = cpu_attention.attention_forward
+attention_backward = cpu_attention.attention_backward
 
 
 # ----------------------------------------------------------------------------------------------

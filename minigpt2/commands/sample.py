@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
-from .backend import to_numpy
-from .checkpoint import load_model_folder
-from .model import check_sampling
+from ..data import corpus as data
+from ..backend import to_numpy
+from ..training.checkpoint import load_model_folder
+from ..model import check_sampling
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
