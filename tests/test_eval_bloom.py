@@ -9,7 +9,7 @@ import pytest
 
 from minigpt2.eval import overlap
 from minigpt2.eval.bloom import BloomFilter, normalize, optimal_size, text_ngram_hashes
-from helpers import run_cli
+from helpers import one_line_error, run_cli
 
 
 def random_words(n, seed, prefix="w", vocab=20_000):
@@ -135,6 +135,82 @@ def test_save_and_load(tmp_path):
         BloomFilter.load(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError):
         BloomFilter.load(tmp_path / "missing.npz")
+
+
+def saved_filter(path, words=60, seed=14):
+    keys = text_ngram_hashes(random_words(words, seed=seed))
+    f = BloomFilter.for_items(keys.size, 1e-3)
+    f.add(keys)
+    f.save(path)
+    return f
+
+
+def test_every_damaged_byte_is_a_one_line_value_error(tmp_path):
+    # a filter file with any one byte changed either loads the same filter (a byte the zip format
+    # does not check, such as a timestamp) or is refused with a ValueError naming the file: never
+    # BadZipFile, EOFError, a CRC error or a struct error from the libraries underneath
+    f = saved_filter(tmp_path / "f.npz")
+    data = (tmp_path / "f.npz").read_bytes()
+    damaged = tmp_path / "damaged.npz"
+    refused = 0
+    for i in range(len(data)):
+        damaged.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
+        try:
+            g = BloomFilter.load(damaged)
+        except ValueError as e:
+            assert "damaged.npz" in str(e) and "\n" not in str(e), str(e)
+            refused += 1
+        else:
+            assert (g.m, g.k, g.n_added) == (f.m, f.k, f.n_added)
+            assert np.array_equal(g.bits, f.bits)
+    assert refused > len(data) // 2
+
+
+def test_truncated_and_empty_filter_files_are_named(tmp_path):
+    saved_filter(tmp_path / "f.npz")
+    data = (tmp_path / "f.npz").read_bytes()
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.npz is empty"):
+        BloomFilter.load(tmp_path / "empty.npz")
+    for keep in (1, 30, len(data) // 2, len(data) - 1):
+        (tmp_path / "cut.npz").write_bytes(data[:keep])
+        with pytest.raises(ValueError, match="cut.npz is truncated or damaged"):
+            BloomFilter.load(tmp_path / "cut.npz")
+
+
+def test_a_header_with_an_absurd_k_names_the_filter(tmp_path):
+    f = saved_filter(tmp_path / "f.npz")
+    for k in (10 ** 12, 0, -3, 2.5, True):
+        header = {"format": "minigpt2-bloom-1", "m": f.m, "k": k, "n_added": 1, "ngram": 8}
+        np.savez(tmp_path / "k.npz", bits=f.bits,
+                 header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+        with pytest.raises(ValueError, match="k.npz.*k = "):
+            BloomFilter.load(tmp_path / "k.npz")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "bit flip", "absurd k"])
+def test_overlap_check_on_a_damaged_filter_is_one_line(tmp_path, damage):
+    f = saved_filter(tmp_path / "f.npz")
+    data = bytearray((tmp_path / "f.npz").read_bytes())
+    bad = tmp_path / "bad.npz"
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        bad.write_bytes(data[:len(data) // 2])
+    elif damage == "bit flip":                 # inside the bits: the archive's CRC catches it
+        at = data.find(f.bits.tobytes())
+        assert at > 0
+        data[at + f.bits.size // 2] ^= 0x10
+        bad.write_bytes(data)
+    else:
+        header = {"format": "minigpt2-bloom-1", "m": f.m, "k": 10 ** 12, "n_added": 1}
+        with open(bad, "wb") as out:
+            np.savez(out, bits=f.bits,
+                     header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+    test = tmp_path / "test.txt"
+    test.write_text(random_words(60, seed=14))
+    line = one_line_error(run_cli("overlap", "check", bad, test, "--quiet"), "bad.npz")
+    assert "smaller model" not in line and "Traceback" not in line
 
 
 # --- the command ----------------------------------------------------------------------------------

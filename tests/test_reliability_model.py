@@ -102,6 +102,15 @@ def test_sample_refuses_bad_settings_in_one_line_before_loading(tmp_path, capsys
     one_line_error(r, flag.lstrip("-").replace("-", "_"), value)
 
 
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--num-samples", "0"),
+                                         ("--max-new-tokens", "-2")])
+def test_sample_names_the_flag_of_a_bad_count(tmp_path, capsys, flag, value):
+    # checked before the (missing) model is read; --seed -1 was NumPy's "expected non-negative
+    # integer", after the load, naming no flag
+    r = cli(capsys, "sample", tmp_path / "no_model", flag, value)
+    one_line_error(r, f"{flag} must be >= ", value)
+
+
 def test_nan_weights_are_refused_at_load_naming_the_tensor(folder):
     def poison(t):
         t["transformer.h.1.ln_2.weight"][3] = np.nan

@@ -206,6 +206,42 @@ def test_scan_and_heap_merge_loops_agree(tok):
     assert bad == []
 
 
+def no_space_line(alphabet: str, n: int, seed: int) -> str:
+    """n random characters of ``alphabet``: one line without whitespace, as a minified file or a
+    base64 blob is (letters alone make one chunk; digits and punctuation cut it into several)."""
+    import random
+    return "".join(random.Random(seed).choices(alphabet, k=n))
+
+
+NO_SPACE = {"letters": "abcdefghijklmnopqrstuvwxyz", "digits": "0123456789",
+            "two letters (ties)": "ab", "one letter (ties)": "a", "letters and digits":
+            "abcdefghijklmnopqrstuvwxyz0123456789", "base64": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+            "abcdefghijklmnopqrstuvwxyz0123456789+/=", "utf-8": "éàß中文😀"}
+
+
+@pytest.mark.parametrize("name", NO_SPACE)
+def test_long_lines_without_whitespace_match_tiktoken(tok, ref, name):
+    # chunks of up to 200,000 bytes take the heap merge loop; the runs of one or two letters are
+    # full of ties between equal pairs (the leftmost must merge first)
+    for n, seed in ((33, 1), (1_000, 2), (200_000, 3)):
+        text = no_space_line(NO_SPACE[name], n, seed)
+        tok._cache.clear()
+        assert tok.encode_ordinary(text) == ref.encode_ordinary(text), (name, n)
+
+
+@pytest.mark.parametrize("name", NO_SPACE)
+def test_long_chunks_without_whitespace_match_the_reference_bpe(tok, name):
+    # bpe.encode_chunk (minigpt2/bpe.py, the textbook loop) against _bpe on whole chunks of up to
+    # 2,000 bytes, long enough for the heap loop and short enough for the O(n^2) reference
+    from minigpt2 import bpe
+    rank = {(tok.vocab[a], tok.vocab[b]): r for r, (a, b) in enumerate(tok.merges)}
+    token_id = {b: i for i, b in tok.vocab.items()}
+    for n, seed in ((40, 4), (300, 5), (2_000, 6)):
+        for chunk in split_chunks(no_space_line(NO_SPACE[name], n, seed)):
+            data = chunk.encode("utf-8")
+            assert tok._bpe(data) == [token_id[t] for t in bpe.encode_chunk(data, rank)], data[:40]
+
+
 # --- special tokens and odd input ----------------------------------------------------------------
 
 

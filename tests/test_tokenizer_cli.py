@@ -80,3 +80,56 @@ def test_bench_tokenizer_prints_the_table(tmp_path, corpus, capsys):
     assert sum("train 300 vocab" == t for t in tasks) == 2
     assert all(r["minigpt2"] > 0 and r["reference"] > 0 for r in rows)
     assert "ratio" in out
+
+
+@pytest.mark.parametrize("how", ["--text", "FILE", "FILE --out"])
+def test_special_error_advises_the_flags_not_python(tmp_path, capsys, how):
+    text = "hello\nworld <|endoftext|> x\n"
+    (tmp_path / "t.txt").write_text(text)
+    argv = {"--text": ["--text", text], "FILE": [str(tmp_path / "t.txt")],
+            "FILE --out": [str(tmp_path / "t.txt"), "--out", str(tmp_path / "t.bin"),
+                           "--workers", "1", "--no-progress"]}[how]
+    assert main(["tokenizer", "encode", "--special", "error", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'<|endoftext|>'" in err, err
+    assert "--special allow" in err and "--special text" in err, err
+    assert "allowed_special" not in err and "disallowed_special" not in err, err
+    assert ("at character 12" if how == "--text" else "t.txt:2:7") in err, err
+    assert not (tmp_path / "t.bin").exists()
+
+
+def a_run_folder(folder: Path, kind: str) -> Path:
+    """A folder as ``train`` leaves it (a checkpoint, a log, best/) or a model folder."""
+    folder.mkdir()
+    tok = Tokenizer.train("a b c a b c abc abc", 260)
+    tok.save(folder)
+    names = {"run": ["train_state.json", "metrics.jsonl", "model.safetensors", "config.json"],
+             "model": ["model.safetensors", "config.json"], "best": []}[kind]
+    for name in names:
+        (folder / name).write_text("{}")
+    if kind == "best":
+        (folder / "best").mkdir()
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["run", "model", "best"])
+def test_tokenizer_train_refuses_a_run_or_model_folder(tmp_path, corpus, capsys, kind):
+    out = a_run_folder(tmp_path / "run", kind)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    argv = ["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out) in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(argv + ["--overwrite"]) == 0          # said on purpose: replaced
+    assert Tokenizer.load(out).vocab_size == 300
+
+
+def test_tokenizer_train_may_replace_a_tokenizer_folder(tmp_path, corpus):
+    # a folder holding only a tokenizer is not a run: training into it again is the usual case
+    out = tmp_path / "tok"
+    Tokenizer.train("a b c a b c abc abc", 260).save(out)
+    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert Tokenizer.load(out).vocab_size == 300

@@ -17,19 +17,19 @@ import sys
 
 # name -> (module, one-line help). Add a command by adding a module and a line here.
 COMMANDS = {
-    "info": ("minigpt2.training.sizing", "parameter count, memory and FLOPs of a GPT-2 config"),
+    "info": ("minigpt2.commands.info", "parameter count, memory and FLOPs of a GPT-2 config"),
     "train": ("minigpt2.commands.train", "train a GPT on a corpus (default: Shakespeare, by character)"),
     "sample": ("minigpt2.commands.sample", "generate text from a trained model or a GPT-2 folder"),
     "plot": ("minigpt2.commands.plot", "draw the loss curves of a training run to a PNG"),
-    "download": ("minigpt2.io.download", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
+    "download": ("minigpt2.commands.download", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
     "prepare": ("minigpt2.data.prepare", "stream a corpus of any size into token shards + "
                 "manifest.json"),
     "tokenizer": ("minigpt2.commands.tokenizer", "byte-level BPE: train a vocabulary, encode, decode"),
-    "bench": ("minigpt2.bench", "minigpt2 against reference libraries: train, generate, tokenizer, "
-              "bloom, prepare"),
-    "eval": ("minigpt2.commands.eval", "zero-shot evaluations: perplexity, lambada, cbt, prompts, "
-             "hellaswag"),
-    "overlap": ("minigpt2.eval.overlap", "8-gram Bloom-filter overlap of test and training text"),
+    "bench": ("minigpt2.bench", "minigpt2 against reference libraries: tokenizer, train, generate, "
+              "attention, bloom, prepare, distributed"),
+    "eval": ("minigpt2.commands.eval", "zero-shot evaluations: perplexity, lambada, cbt, "
+             "summarize, translate, qa, hellaswag"),
+    "overlap": ("minigpt2.commands.overlap", "8-gram Bloom-filter overlap of test and training text"),
 }
 
 # Errors a user can act on. Set MINIGPT2_DEBUG=1 to get the full traceback instead.

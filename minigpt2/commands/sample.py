@@ -58,6 +58,8 @@ def run(args) -> int:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     check_sampling(args.temperature, args.top_k, args.top_p)   # before the model is read
     model, tokenizer, folder = load_model_folder(args.dir, args.device, args.dtype)
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt

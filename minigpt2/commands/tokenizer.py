@@ -15,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..io.hf import INDEX
 from ..tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
+from ..training.checkpoint import BEST, MODEL_FILES, OPTIMIZER, STATE
+from ..training.loop import METRICS
 
 
 def add_arguments(p):
@@ -32,6 +35,8 @@ def add_arguments(p):
     t.add_argument("--out", type=Path, required=True, help="folder for vocab.json + merges.txt")
     t.add_argument("--special", action="append", default=None, metavar="TOKEN",
                    help=f"a special token (repeatable; default {ENDOFTEXT})")
+    t.add_argument("--overwrite", action="store_true", help="write into a folder that holds a "
+                   "training run or a model (replacing the tokenizer they were made with)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(_action=run_train)
 
@@ -77,7 +82,23 @@ def read_utf8(path: Path) -> str:
                          "first") from None
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write a tokenizer into a training run's folder or a model's unless
+    ``overwrite``: their weights were made with the tokenizer already there, and replacing it
+    would leave a model that reads other ids than it was trained on."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder: choose a folder")
+    if overwrite or not out.is_dir():
+        return
+    found = [n for n in (STATE, METRICS, BEST, *MODEL_FILES, INDEX, OPTIMIZER) if (out / n).exists()]
+    if found:
+        raise FileExistsError(f"--out {out} holds a training run or a model ({', '.join(found)}) "
+                              "made with the tokenizer there: choose another --out, or pass "
+                              "--overwrite to replace that tokenizer")
+
+
 def run_train(args) -> int:
+    check_out(args.out, args.overwrite)          # before the (slow) training
     if args.files:
         docs = []
         for f in args.files:
@@ -107,17 +128,50 @@ def _special_args(mode: str) -> dict:
             "error": {}}[mode]
 
 
+def _first_special(tok, text: str) -> tuple[int, str] | None:
+    """(character index, token) of the first special token in ``text``, or None."""
+    found = [(i, s) for s in tok.special_tokens if (i := text.find(s)) >= 0]
+    return min(found) if found else None
+
+
+def _special_found(found: str) -> ValueError:
+    return ValueError(f"{found}; pass --special allow to encode it as its id, or --special text "
+                      "to encode it as plain text")
+
+
+def refuse_specials(tok, text: str | None, path: Path | None) -> None:
+    """--special error: the first special token in --text or in FILE, named by its place
+    (``FILE:line:column``, the file read line by line so a large one is never held whole)."""
+    if text is not None:
+        hit = _first_special(tok, text)
+        if hit:
+            raise _special_found(f"--text holds the special token {hit[1]!r} at character "
+                                 f"{hit[0]}")
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} not found")
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for lineno, line in enumerate(f, 1):
+                hit = _first_special(tok, line)
+                if hit:
+                    raise _special_found(f"{path}:{lineno}:{hit[0] + 1}: the special token "
+                                         f"{hit[1]!r}")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); convert it first") from None
+
+
 def run_encode(args) -> int:
     if (args.file is None) == (args.text is None):
         raise ValueError("give either a FILE or --text STRING to encode")
+    if args.text is not None and args.out:
+        raise ValueError("--out writes token files from a FILE; with --text the ids are printed")
     tok = load_tokenizer(args.tokenizer)
+    if args.special == "error":     # found here, to name the place and the flags that help
+        refuse_specials(tok, args.text, args.file)
     special = _special_args(args.special)
     if args.text is not None:
-        ids = tok.encode(args.text, **special)
-        if args.out:
-            raise ValueError("--out writes token files from a FILE; with --text the ids are "
-                             "printed")
-        print(" ".join(map(str, ids)))
+        print(" ".join(map(str, tok.encode(args.text, **special))))
         return 0
     if args.out is None:
         print(" ".join(map(str, tok.encode(read_utf8(args.file), **special))))

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,9 @@ _P = _U64(0x100000001B3)                           # odd multiplier of the per-w
 _P_INV = _U64(pow(0x100000001B3, -1, 1 << 64))     # its inverse mod 2^64 (exists: _P is odd)
 _Q = _U64(0x9E3779B97F4A7C15)                      # multiplier combining the 8 word hashes
 FORMAT = "minigpt2-bloom-1"
+# The most hashes a filter can have: optimal_size gives k ≈ -log2(rate), and the smallest rate
+# above 0 a float holds is ~5e-324 (k = 1074). A header with more is damaged, not a filter.
+MAX_K = 1100
 
 
 def normalize(text: str) -> str:
@@ -185,25 +191,52 @@ class BloomFilter:
 
     @classmethod
     def load(cls, path) -> "BloomFilter":
+        """The filter ``save`` wrote. A file that is missing, empty, cut short, altered (the zip
+        archive's CRC-32 catches a changed bit) or holds a header no filter has is refused with
+        one line naming the file and what is wrong."""
         path = Path(path)
+        build = "build it again with 'python -m minigpt2 overlap build'"
         if not path.is_file():
             raise FileNotFoundError(f"Bloom filter file {path} not found; build one with "
                                     "'python -m minigpt2 overlap build'")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty (0 bytes), not a Bloom filter file; {build}")
+        with open(path, "rb") as f:
+            start = f.read(4)
+        is_zip = b"PK\x03\x04".startswith(start)         # how every .npz archive begins
         try:
             with np.load(path, allow_pickle=False) as z:
                 header = json.loads(z["header"].tobytes().decode())
                 bits = z["bits"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
+                NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error,
+                struct.error) as e:   # what zipfile and NumPy raise on a damaged archive
             # (NumPy's own message would suggest allow_pickle: never for a file of ours)
-            raise ValueError(f"{path} is not a minigpt2 Bloom filter file (not an .npz archive "
-                             "holding 'bits' and 'header'); build one with 'python -m minigpt2 "
-                             "overlap build'") from None
-        m = header.get("m") if isinstance(header, dict) else None
-        if not isinstance(m, int) or not isinstance(header.get("k"), int) \
-                or header.get("format") != FORMAT or bits.size != (m + 7) // 8:
-            raise ValueError(f"{path} is not a minigpt2 Bloom filter file (its header or its "
-                             f"size is wrong: {bits.size} bytes for m = {m}); build it again")
-        f = cls(m, header["k"])
+            if not is_zip:
+                raise ValueError(f"{path} is not a minigpt2 Bloom filter file (not an .npz "
+                                 f"archive holding 'bits' and 'header'); {build}") from None
+            raise ValueError(f"{path} is truncated or damaged ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); "
+                             f"{build}") from None
+        m, k = (header.get("m"), header.get("k")) if isinstance(header, dict) else (None, None)
+        n_added = header.get("n_added", 0) if isinstance(header, dict) else None
+        if header.get("format") != FORMAT if isinstance(header, dict) else True:
+            raise ValueError(f"{path} is not a minigpt2 Bloom filter file (its header names no "
+                             f"{FORMAT!r} format); {build}")
+        if not _is_count(m, 1) or bits.shape != ((m + 7) // 8,):
+            raise ValueError(f"{path} is damaged: {bits.size} bytes of bits for m = {m!r}; "
+                             f"{build}")
+        if not _is_count(k, 1) or k > MAX_K:
+            raise ValueError(f"{path} is damaged: its header says k = {k!r} hashes, and a filter "
+                             f"has 1 to {MAX_K}; {build}")
+        if not _is_count(n_added, 0):
+            raise ValueError(f"{path} is damaged: its header says n_added = {n_added!r}; {build}")
+        f = cls(m, k)
         f.bits = bits.astype(np.uint8, copy=False)
-        f.n_added = int(header.get("n_added", 0))
+        f.n_added = n_added
         return f
+
+
+def _is_count(value, low: int) -> bool:
+    """An int (not a bool, which JSON's true would give) >= low."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low

@@ -1,17 +1,13 @@
-"""Train/test 8-gram overlap (§4), streamed, and ``python -m minigpt2 overlap build|check``.
+"""Train/test 8-gram overlap (§4), streamed (``python -m minigpt2 overlap build|check`` runs it).
 
 A corpus is a list of files: ``.jsonl`` files hold one document per line (its ``"text"`` field),
 any other file is one UTF-8 document, read in pieces of a few MB so it may be larger than memory.
 No 8-gram spans two documents. A piece boundary is handled by carrying the unfinished word and
 the last 7 words into the next piece, so a file's 8-grams are the same however it is cut.
-
-    python -m minigpt2 overlap build train.txt more.jsonl --out train.bloom --rate 1e-8
-    python -m minigpt2 overlap check train.bloom test.jsonl --out per_doc.jsonl
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
@@ -19,7 +15,7 @@ import regex
 
 from . import bloom
 from .bloom import N, BloomFilter
-from .jsonl import check_file, check_writable, iter_jsonl, write_jsonl
+from .jsonl import check_file, iter_jsonl
 
 PIECE_CHARS = 1 << 22                                  # ~4M characters of a text file at a time
 BATCH_CHARS = 1 << 22                                  # JSONL documents hashed together
@@ -174,50 +170,3 @@ def overlap_texts(train_texts, test_texts, rate=1e-8) -> dict:
     k = np.bincount(doc, weights=hit, minlength=len(test_texts))
     return {"share": float(hit.mean()), "ngrams": int(g.size), "found": int(hit.sum()),
             "per_document": [float(b / a) if a else None for a, b in zip(n, k)]}
-
-
-# --- the command --------------------------------------------------------------------------------
-
-
-def add_arguments(p):
-    sub = p.add_subparsers(dest="action", metavar="<action>", required=True,
-                           parser_class=type(p))
-    b = sub.add_parser("build", help="put the 8-grams of training files in a Bloom filter")
-    b.add_argument("train", nargs="+", metavar="TRAIN", help=".txt (one document) or .jsonl "
-                   "(one {\"text\": ...} document per line) files")
-    b.add_argument("--out", required=True, help="the filter file to write (.npz)")
-    b.add_argument("--rate", type=float, default=1e-8, help="false-positive rate (default 1e-8, "
-                   "the paper's bound)")
-    b.add_argument("--items", type=int, default=None, help="the number of 8-grams to size for "
-                   "(default: counted in a first pass over the files)")
-    b.add_argument("--field", default="text", help="the JSONL field holding the text")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
-    c = sub.add_parser("check", help="the share of test files' 8-grams found in a filter")
-    c.add_argument("filter", metavar="FILTER", help="a file written by 'overlap build'")
-    c.add_argument("test", nargs="+", metavar="TEST", help=".txt or .jsonl test files")
-    c.add_argument("--out", default=None, help="write the per-document overlap here (JSONL)")
-    c.add_argument("--field", default="text", help="the JSONL field holding the text")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    if args.action == "build":
-        if args.items is not None and args.items < 1:
-            raise ValueError(f"--items must be >= 1, got {args.items}")
-        check_writable(args.out)
-        f = build(args.train, args.rate, args.items, args.field, progress=not args.quiet)
-        f.save(args.out)
-        print(f"{f.n_added} 8-grams in {args.out}: m = {f.m} bits ({f.bits.nbytes / 2**20:.1f} "
-              f"MiB), k = {f.k}, expected false-positive rate {f.expected_rate():.2e}")
-        return 0
-    if args.out:
-        check_writable(args.out)
-    f = BloomFilter.load(args.filter)
-    report = check(f, args.test, args.field, progress=not args.quiet)
-    if args.out:
-        write_jsonl(args.out, report["documents"])
-    shares = [d["share"] for d in report["documents"] if d["share"] is not None]
-    print(json.dumps({"ngrams": report["ngrams"], "found": report["found"],
-                      "share": report["share"], "documents": len(report["documents"]),
-                      "mean_document_share": float(np.mean(shares)) if shares else None}))
-    return 0

@@ -1,5 +1,5 @@
-"""``python -m minigpt2 download gpt2 DIR``: OpenAI's GPT-2 weights from the Hugging Face Hub,
-checked byte for byte.
+"""OpenAI's GPT-2 weights from the Hugging Face Hub, checked byte for byte (``download``; the
+command ``python -m minigpt2 download gpt2 DIR`` calls it).
 
 Each model is pinned to one commit of its official repository (``PINNED``), so the command fetches
 the same bytes every time, whatever the repository's ``main`` branch becomes. A download:
@@ -317,26 +317,21 @@ def check_download(directory: Path) -> str:
     return f"{cfg.num_params():,} parameters, {cfg.n_layer} layers, context {cfg.block_size}"
 
 
-def add_arguments(p):
-    p.add_argument("model", choices=list(REPOS), help="which GPT-2")
-    p.add_argument("dir", metavar="DIR", help="folder to write config.json + model.safetensors")
-    p.add_argument("--revision", default=None,
-                   help="a branch, tag or commit of the repository instead of the pinned commit "
-                        "(checked against the Hub's digests only)")
-    p.add_argument("--hub", default=None,
-                   help=f"the Hub's address (default: $MINIGPT2_HUB_URL, else {HUB})")
-
-
-def run(args) -> int:
-    directory = Path(args.dir)
+def download(model: str, directory, revision: str | None = None, hub: str | None = None) -> str:
+    """Fetch ``model`` (a key of REPOS) into ``directory`` as described above: config.json and
+    model.safetensors, whole and verified, or nothing. ``revision`` None: the pinned commit;
+    ``hub`` None: $MINIGPT2_HUB_URL, else HUB. Returns a one-line summary of what was written."""
+    if model not in REPOS:
+        raise ValueError(f"no GPT-2 named {model!r}: choose one of {', '.join(REPOS)}")
+    directory = Path(directory)
     if (directory / "model.safetensors").exists():
         raise FileExistsError(f"{directory / 'model.safetensors'} already exists; remove it or "
                               "choose another DIR")
     directory.mkdir(parents=True, exist_ok=True)   # a DIR we cannot create fails before the network
-    hub = (args.hub or _hub_url()).rstrip("/")
-    repo = REPOS[args.model]
-    pinned_commit, pinned_digests = PINNED[args.model]
-    commit, listing = hub_listing(hub, repo, args.revision or pinned_commit)
+    hub = (hub or _hub_url()).rstrip("/")
+    repo = REPOS[model]
+    pinned_commit, pinned_digests = PINNED[model]
+    commit, listing = hub_listing(hub, repo, revision or pinned_commit)
     pinned = pinned_digests if commit == pinned_commit else {}
     if not pinned:
         print(f"{repo} at {commit} is not the commit minigpt2 pins ({pinned_commit}): checking "
@@ -362,5 +357,4 @@ def run(args) -> int:
         fsync_dir(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{args.model} ({repo} at {commit}, verified) in {directory}: {summary}")
-    return 0
+    return f"{model} ({repo} at {commit}, verified) in {directory}: {summary}"
