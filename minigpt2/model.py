@@ -314,7 +314,8 @@ class GPT:
 
         targets (B, T): the id that follows each position; -1 positions are ignored. With targets
         the caches are kept for ``backward()``; the loss is a 0-d array on the model's device.
-        In float16 precision the logits are float16 and the loss float32.
+        In float16 precision the logits are float16 and the loss float32. Ids out of range, wrong
+        shapes or dtypes are refused before any computation (``io.inputs.forward_ids``).
         """
         cfg = self.config
         idx, targets = forward_ids(idx, targets, cfg, self.xp)

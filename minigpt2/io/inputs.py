@@ -87,7 +87,8 @@ def check_sampling(temperature, top_k=None, top_p=None) -> None:
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
-def generation_vocab(max_new_tokens, temperature, top_k, top_p, vocab_size, model_vocab: int) -> int:
+def generation_vocab(max_new_tokens, temperature, top_k, top_p, vocab_size,
+                     model_vocab: int) -> int:
     """Check ``GPT.generate``'s settings; return how many ids the draw is over: ``vocab_size``,
     or the model's whole vocabulary ``model_vocab`` when it is None."""
     if not _integer(max_new_tokens) or max_new_tokens < 0:
