@@ -6,7 +6,8 @@ and against transformers/PyTorch. Start with ``GPTConfig``, ``GPT`` and ``AdamW`
 
 from .config import GPTConfig
 from .model import GPT
-from .optim import AdamW, clip_grad_norm
+from .fast.optim import AdamW   # optim.AdamW's update in fewer passes (see fast/optim.py)
+from .optim import clip_grad_norm
 from .tokenizer import Tokenizer
 
 __all__ = ["GPT", "GPTConfig", "AdamW", "clip_grad_norm", "Tokenizer"]

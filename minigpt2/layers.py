@@ -26,6 +26,16 @@ import math
 
 from .backend import array_module, scatter_add_rows
 
+# The layer-set contract: the functions every layer set provides, with the names and signatures
+# of this module's. The sets are this module (the reference), ``fast/cpu_layers.py``,
+# ``fast/gpu_layers.py`` and the mixed-precision set of each fast module (``FLOAT16``); the model
+# computes through these names only, so it runs on any of them (tests/test_fast_layers.py checks
+# every set against this list).
+LAYER_SET = ("embedding_forward", "embedding_backward", "layernorm_forward", "layernorm_backward",
+             "linear_forward", "linear_backward", "gelu_forward", "gelu_backward",
+             "dropout_forward", "dropout_backward", "attention_forward", "attention_backward",
+             "attention_step", "softmax", "cross_entropy_forward", "cross_entropy_backward")
+
 # ----------------------------------------------------------------------------------------------
 # token + position embedding
 

@@ -15,23 +15,27 @@ GPT-2 (§2.3 of the paper) is GPT-1's decoder with LayerNorm moved to the input 
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from .fast import cpu_layers as cpu_layers
 from . import layers
-from .backend import array_module, get_xp, resolve_device, resolve_dtype, upload
+from .backend import array_module, get_xp, resolve_device, resolve_dtype
 from .config import (BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, check_finite, check_params,
                      param_shapes)
+from .io.inputs import forward_ids, generation_vocab, token_ids
 
 # How a forward and backward compute (the weights in model.params keep the model's dtype):
 #   "float32"  float32 everywhere; on the GPU, matrix multiplies in full float32 (no TF32)
 #   "tf32"     the same, with the GPU's matrix multiplies on TF32 tensor cores (GPU only)
 #   "float16"  mixed precision: float16 copies of the float32 weights, float16 activations and
-#              matrix multiplies (on the GPU, TF32 for those CuPy computes in float32); LayerNorm, softmax and the loss computed in float32; the loss
-#              scaled by ``loss_scale`` for the backward and the gradients returned in float32,
-#              unscaled (an overflow shows as non-finite gradients: see optim.LossScaler)
+#              matrix multiplies (on the GPU, TF32 for those CuPy computes in float32); LayerNorm,
+#              softmax and the loss computed in float32; the loss scaled by ``loss_scale`` for the
+#              backward and the gradients returned in float32, unscaled (an overflow shows as
+#              non-finite gradients: see optim.LossScaler)
+# TF32 is a process-wide cuBLAS mode (``gpu_layers.set_tf32``): a GPU model sets it when its
+# precision is set (when built, or changed), so of several GPU models in one process the one
+# whose precision was set last decides it for all.
 PRECISIONS = ("float32", "tf32", "float16")
 
 # Which functions compute the layers (all give the same outputs and gradients):
@@ -151,23 +155,6 @@ def top_p_logits(logits, p):
     return xp.where(logits < threshold, -1e10, logits)
 
 
-def check_sampling(temperature, top_k=None, top_p=None) -> None:
-    """Raise ValueError unless the sampling settings are ones ``generate`` can honour:
-    temperature a finite number >= 0 (0 is greedy), top_k None or an integer >= 0 (0 is off),
-    top_p None or a number in (0, 1]. NaN and inf are refused: NaN compares false with every
-    bound and inf would make every token equally likely, neither what was asked."""
-    def real(x):
-        return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-    if not real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got "
-                         f"{temperature!r}")
-    if top_k is not None and (isinstance(top_k, (bool, np.bool_))
-                              or not isinstance(top_k, (int, np.integer)) or top_k < 0):
-        raise ValueError(f"top_k must be None or an integer >= 0 (0 is off), got {top_k!r}")
-    if top_p is not None and (not real(top_p) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-
-
 def sample_next(logits, temperature, top_k, top_p, rng):
     """Pick the next token of each row. logits (B, V) -> ids (B,), on the logits' device.
 
@@ -264,6 +251,9 @@ class GPT:
         self._precision = value
         self.layers = self._layer_set(value)
         self._step_layers = self._layer_set("float32")   # generation: full-precision weights
+        if self.device == "gpu":   # TF32: set here, with the layer set, not at every forward
+            from .fast import gpu_layers
+            gpu_layers.set_tf32(value in ("tf32", "float16"))
 
     def _layer_set(self, precision):
         """The functions that compute the layers for a precision: chosen here, once, not per call."""
@@ -317,43 +307,6 @@ class GPT:
         params = self.params if params is None else params
         return {name: params[prefix + name] for name, _ in BLOCK_PARAMS}
 
-    # --- input checks ---------------------------------------------------------------------------
-
-    def _ids(self, a, name, targets=False, crop=False):
-        """Check token ids and put them on the model's device as int64 (B, T).
-
-        Host input (lists, NumPy) is checked on the host before upload; CuPy input by cheap
-        reductions on the device. ``targets`` admits -1 (ignored) but not only -1s; ``crop``
-        allows T > block_size (generation crops the context itself)."""
-        V, T_max = self.config.vocab_size, self.config.block_size
-        on_device = self.xp is not np and array_module(a) is self.xp
-        if not on_device:
-            try:
-                a = np.asarray(a)
-            except ValueError as e:  # ragged nested lists
-                raise ValueError(f"{name} must be a rectangular 2-D array of token ids: {e}") from None
-        if a.dtype.kind not in "iu":
-            raise ValueError(f"{name} must hold integer token ids, got dtype {a.dtype}")
-        if a.ndim != 2:
-            hint = f" (for one sequence use {name}[None])" if a.ndim == 1 else ""
-            raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(a.shape)}{hint}")
-        if a.shape[0] < 1 or a.shape[1] < 1:
-            raise ValueError(f"{name} must not be empty, got shape {tuple(a.shape)}")
-        if a.shape[1] > T_max and not crop:
-            raise ValueError(f"{name} has T = {a.shape[1]} positions but block_size is {T_max}; "
-                             f"use at most {T_max} tokens per sequence")
-        lo = -1 if targets else 0
-        if bool(((a < lo) | (a >= V)).any()):
-            bad = a[(a < lo) | (a >= V)][0]
-            allowed = f"[0, {V})" + (" or -1 (ignored)" if targets else "")
-            raise ValueError(f"{name} holds id {int(bad)} outside {allowed}")
-        if targets and bool((a == -1).all()):
-            raise ValueError("every target is -1 (ignored): there is no position to compute "
-                             "the loss on")
-        if on_device:
-            return a.astype(np.int64, copy=False)
-        return upload(self.xp, np.ascontiguousarray(a, dtype=np.int64))
-
     # --- forward / backward ---------------------------------------------------------------------
 
     def forward(self, idx, targets=None):
@@ -361,24 +314,15 @@ class GPT:
 
         targets (B, T): the id that follows each position; -1 positions are ignored. With targets
         the caches are kept for ``backward()``; the loss is a 0-d array on the model's device.
-        In float16 precision the logits are float16 and the loss float32.
+        In float16 precision the logits are float16 and the loss float32. Ids out of range, wrong
+        shapes or dtypes are refused before any computation (``io.inputs.forward_ids``).
         """
         cfg = self.config
-        idx = self._ids(idx, "idx")
-        if targets is not None:
-            targets = self._ids(targets, "targets", targets=True)
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape "
-                                 f"{tuple(idx.shape)}")
+        idx, targets = forward_ids(idx, targets, cfg, self.xp)
         p = cfg.dropout if self.training else 0.0
         rng = self.dropout_rng if p > 0 else None
         keep = targets is not None  # keep the activations only when a backward can follow
         self._cache = None
-        # float16: CuPy runs batched (attention) matmuls of float16 arrays in float32, so
-        # those use TF32 too
-        if self.device == "gpu":
-            from .fast import gpu_layers
-            gpu_layers.set_tf32(self.precision in ("tf32", "float16"))
         P = self._compute_params()
         F = self.layers
 
@@ -488,21 +432,9 @@ class GPT:
         are absolute, so the cache cannot slide): a constant cost per token. The output is one
         array, allocated once, that the tokens are written into.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-                or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        check_sampling(temperature, top_k, top_p)
-        V = self.config.vocab_size
-        if vocab_size is not None and (isinstance(vocab_size, bool)
-                                       or not isinstance(vocab_size, (int, np.integer))
-                                       or not 1 <= vocab_size <= V):
-            raise ValueError(f"vocab_size must be None or an integer from 1 to the model's "
-                             f"vocabulary size {V}, got {vocab_size!r}")
-        V = V if vocab_size is None else int(vocab_size)
-        if top_k is not None and top_k > V:
-            raise ValueError(f"top_k = {top_k} exceeds the vocabulary size {V}")
-        prompt = self._ids(idx, "idx", crop=True)
         xp, cfg = self.xp, self.config
+        V = generation_vocab(max_new_tokens, temperature, top_k, top_p, vocab_size, cfg.vocab_size)
+        prompt = token_ids(idx, "idx", cfg, xp, crop=True)
         rng = np.random.default_rng(seed)
         (B, T0), T_max = prompt.shape, cfg.block_size
         out = xp.empty((B, T0 + max_new_tokens), dtype=np.int64)

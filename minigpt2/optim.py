@@ -1,12 +1,13 @@
-"""AdamW (decoupled weight decay) and global-norm gradient clipping, for dicts of arrays."""
+"""AdamW (decoupled weight decay) and global-norm gradient clipping, for dicts of arrays.
+
+``AdamW`` here is the readable form, one parameter at a time, the update as its formulas read.
+``minigpt2.AdamW``, the one ``train`` uses, is ``fast/optim.py``'s: the same update (same
+hyperparameters, state and results, tested equal) in fewer passes over memory.
+"""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
-
-from .backend import array_module, block_slices
+from .backend import array_module
 
 
 class AdamW:
@@ -16,8 +17,10 @@ class AdamW:
         p <- p * (1 - lr * weight_decay)                  (2-D weights only, as in nanoGPT)
         m <- beta1 * m + (1 - beta1) * g
         v <- beta2 * v + (1 - beta2) * g^2
-        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+        p <- p - lr * m_hat / (sqrt(v_hat) + eps),   m_hat = m / (1 - beta1^t),
+                                                     v_hat = v / (1 - beta2^t)
     Biases, LayerNorm parameters (1-D) are not decayed; matmul weights and embeddings (2-D) are.
+    m and v start at 0, so their early averages are too small: m_hat and v_hat correct that.
     ``params`` is updated in place; ``lr`` may be changed between steps (schedules).
     """
 
@@ -30,10 +33,6 @@ class AdamW:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        for name, p in params.items():
-            if not p.flags.c_contiguous:   # updates go through flat views, which need this
-                raise ValueError(f"AdamW needs C-contiguous parameters; {name} is not "
-                                 "(use xp.ascontiguousarray when building the params dict)")
         self.params = params
         self.lr = float(lr)
         self.betas = (float(betas[0]), float(betas[1]))
@@ -42,33 +41,37 @@ class AdamW:
         self.t = 0
         self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
-        # on the GPU one fused kernel makes adamw_update's passes in one: chosen once, here
-        self._update = adamw_update
-        if any(array_module(p) is not np for p in params.values()):
-            from .fast import kernels
-            self._update = kernels.adamw_update
 
     def step(self, grads: dict) -> None:
         """One update of every parameter from ``grads`` (a dict with the keys of params)."""
+        self.check_grads(grads)
+        self.t += 1
+        beta1, beta2 = self.betas
+        for name, p in self.params.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            xp = array_module(p)
+            if p.ndim >= 2:
+                p *= 1.0 - self.lr * self.weight_decay       # decoupled weight decay
+            m *= beta1
+            m += (1.0 - beta1) * g                          # m = beta1 m + (1 - beta1) g
+            v *= beta2
+            v += (1.0 - beta2) * g * g                      # v = beta2 v + (1 - beta2) g^2
+            m_hat = m / (1.0 - beta1 ** self.t)
+            v_hat = v / (1.0 - beta2 ** self.t)
+            p -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
+
+    def check_grads(self, grads: dict) -> None:
+        """Raise ValueError unless ``grads`` has the keys and shapes of params (before any
+        parameter is changed)."""
         if set(grads) != set(self.params):
             missing = sorted(set(self.params) - set(grads))
             extra = sorted(set(grads) - set(self.params))
             raise ValueError(f"grads must have the keys of params; missing {missing[:3]}, "
                              f"unexpected {extra[:3]}")
-        self.t += 1
-        beta1, beta2 = self.betas
-        step_size = self.lr / (1.0 - beta1 ** self.t)
-        sqrt_bc2 = math.sqrt(1.0 - beta2 ** self.t)
-        # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) is rewritten with the constants folded:
-        # p -= step * m / (sqrt(v) + eps_hat), step = lr sqrt(bc2)/bc1, eps_hat = eps sqrt(bc2)
-        step = step_size * sqrt_bc2
-        eps_hat = self.eps * sqrt_bc2
         for name, p in self.params.items():
-            g = grads[name]
-            if g.shape != p.shape:
-                raise ValueError(f"grad {name} has shape {tuple(g.shape)}, param {tuple(p.shape)}")
-            decay = 1.0 - self.lr * self.weight_decay if p.ndim >= 2 else 1.0
-            self._update(p, g, self.m[name], self.v[name], decay, beta1, beta2, step, eps_hat)
+            if grads[name].shape != p.shape:
+                raise ValueError(f"grad {name} has shape {tuple(grads[name].shape)}, param "
+                                 f"{tuple(p.shape)}")
 
     def state_dict(self) -> dict:
         """Everything needed to resume: step count, hyperparameters, the moment arrays."""
@@ -90,32 +93,6 @@ class AdamW:
         self.betas = tuple(float(b) for b in state["betas"])
         self.m = {n: xp.array(state["m"][n], dtype=p.dtype) for n, p in self.params.items()}
         self.v = {n: xp.array(state["v"][n], dtype=p.dtype) for n, p in self.params.items()}
-
-
-def adamw_update(p, g, m, v, decay, beta1, beta2, step, eps_hat):
-    """In place, one AdamW step of one parameter with the constants folded (see ``AdamW.step``):
-        p <- p * decay;  m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2
-        p <- p - step * m / (sqrt(v) + eps_hat)
-    p, m, v C-contiguous arrays of one shape, updated block by block so the ten passes below
-    run in cache (one block on a GPU). ``kernels.adamw_update`` is the fused GPU form."""
-    xp = array_module(p)
-    pf, gf, mf, vf = (a.reshape(-1) for a in (p, g, m, v))
-    for s in block_slices(xp, pf.size, 4 * pf.itemsize):
-        p_, g_, m_, v_ = pf[s], gf[s], mf[s], vf[s]
-        if decay != 1.0:
-            p_ *= decay                          # decoupled weight decay
-        buf = g_ * g_
-        buf *= 1.0 - beta2
-        v_ *= beta2
-        v_ += buf                                # v = beta2 v + (1 - beta2) g^2
-        xp.multiply(g_, 1.0 - beta1, out=buf)
-        m_ *= beta1
-        m_ += buf                                # m = beta1 m + (1 - beta1) g
-        xp.sqrt(v_, out=buf)
-        buf += eps_hat
-        xp.divide(m_, buf, out=buf)
-        buf *= step
-        p_ -= buf
 
 
 def global_norm(grads: dict):

@@ -1,24 +1,25 @@
-"""The CPU fast layer set (cpu_layers.py) against the reference layers (layers.py): the same
+"""The layer-set contract (layers.LAYER_SET) held by every set, the GPU one read from its source;
+the CPU fast layer set (cpu_layers.py) against the reference layers (layers.py): the same
 outputs and gradients, in float64 and float32, with dropout, in one block or many; its float16 set
 within half precision; and a whole model on either set (tests/test_gpu_kernels.py does the same
 for gpu_layers.py on a GPU)."""
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import assert_grads
 
+import minigpt2
 from minigpt2 import GPT, AdamW, GPTConfig, backend, layers
-from minigpt2.fast import cpu_layers
+from minigpt2.fast import cpu_layers, layer_set
 from minigpt2.gradcheck import rel_error
 from minigpt2.config import BLOCK_PARAMS
 from minigpt2.model import block_backward, block_forward
 
 B, T, C, H = 2, 5, 8, 2
-
-LAYER_NAMES = ("embedding_forward", "embedding_backward", "layernorm_forward", "layernorm_backward",
-               "linear_forward", "linear_backward", "gelu_forward", "gelu_backward",
-               "dropout_forward", "dropout_backward", "attention_forward", "attention_backward",
-               "attention_step", "softmax", "cross_entropy_forward", "cross_entropy_backward")
+PACKAGE = Path(minigpt2.__file__).parent
 
 
 @pytest.fixture
@@ -33,10 +34,77 @@ def blocks(request, monkeypatch):
         monkeypatch.setattr(backend, "BLOCK_BYTES", request.param)
 
 
-@pytest.mark.parametrize("layer_set", [cpu_layers, cpu_layers.FLOAT16], ids=["fast", "float16"])
-def test_every_set_has_the_reference_names(layer_set):
-    for name in LAYER_NAMES:
+# ---- the layer-set contract (layers.LAYER_SET) --------------------------------------------------
+
+
+def top_level_names(source: str) -> set:
+    """The names a module's source binds at its top level (def, class, assignment, import)."""
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def contract_breaches(source: str) -> list:
+    """What a fast module's source lacks of the contract, read with ast (the GPU module cannot
+    be imported without CuPy): a LAYER_SET name it does not bind; a ``FLOAT16`` that is not
+    ``layer_set(globals(), ...)`` replacing contract names by names the module binds."""
+    names = top_level_names(source)
+    breaches = [f"no {name}" for name in layers.LAYER_SET if name not in names]
+    calls = [node.value for node in ast.parse(source).body if isinstance(node, ast.Assign)
+             and [getattr(t, "id", None) for t in node.targets] == ["FLOAT16"]]
+    if len(calls) != 1 or not isinstance(calls[0], ast.Call) \
+            or getattr(calls[0].func, "id", None) != "layer_set" \
+            or ast.unparse(calls[0].args[0]) != "globals()":
+        return breaches + ["FLOAT16 is not one layer_set(globals(), ...)"]
+    for kw in calls[0].keywords:
+        if kw.arg not in layers.LAYER_SET:
+            breaches.append(f"FLOAT16 replaces {kw.arg}, outside the contract")
+        if not isinstance(kw.value, ast.Name) or kw.value.id not in names:
+            breaches.append(f"FLOAT16's {kw.arg} is not a function of the module")
+    return breaches
+
+
+FAST_SOURCES = {name: (PACKAGE / "fast" / f"{name}.py").read_text(encoding="utf-8")
+                for name in ("cpu_layers", "gpu_layers")}
+
+
+@pytest.mark.parametrize("layer_set", [layers, cpu_layers, cpu_layers.FLOAT16],
+                         ids=["reference", "cpu", "cpu-float16"])
+def test_every_importable_set_provides_the_contract(layer_set):
+    for name in layers.LAYER_SET:
         assert callable(getattr(layer_set, name)), name
+    if layer_set is cpu_layers.FLOAT16:   # a namespace holds the contract and nothing else
+        assert sorted(vars(layer_set)) == sorted(layers.LAYER_SET)
+
+
+@pytest.mark.parametrize("module", sorted(FAST_SOURCES))
+def test_every_fast_module_provides_the_contract_in_its_source(module):
+    """The GPU set included, read from its source without importing CuPy."""
+    assert contract_breaches(FAST_SOURCES[module]) == []
+
+
+def test_the_contract_check_finds_a_missing_function():
+    """Negative control: gpu_layers' source without its gelu_forward, or with a FLOAT16 that
+    replaces a name outside the contract."""
+    source = FAST_SOURCES["gpu_layers"]
+    without = source.replace("def gelu_forward(", "def _gelu_forward(")
+    assert contract_breaches(without) == ["no gelu_forward"]
+    widened = source.replace("FLOAT16 = layer_set(globals(), ",
+                             "FLOAT16 = layer_set(globals(), fused_gelu=gelu_forward, ")
+    assert contract_breaches(widened) == ["FLOAT16 replaces fused_gelu, outside the contract"]
+
+
+def test_layer_set_refuses_a_partial_or_widened_set():
+    with pytest.raises(TypeError, match=r"missing \['softmax'\]"):
+        layer_set({n: getattr(layers, n) for n in layers.LAYER_SET if n != "softmax"})
+    with pytest.raises(TypeError, match=r"unknown \['fused_gelu'\]"):
+        layer_set(vars(layers), fused_gelu=layers.gelu_forward)
 
 
 def test_fast_sets_reuse_the_reference_where_nothing_changes():
@@ -227,7 +295,7 @@ def test_reference_and_fast_models_agree_in_float64(dropout):
 def test_reference_and_fast_models_differ_when_a_layer_does():
     """Negative control: a fast set with a wrong LayerNorm backward is caught by the comparison."""
     from types import SimpleNamespace
-    broken = SimpleNamespace(**{n: getattr(cpu_layers, n) for n in LAYER_NAMES})
+    broken = SimpleNamespace(**{n: getattr(cpu_layers, n) for n in layers.LAYER_SET})
     broken.layernorm_backward = lambda dout, cache: tuple(
         g * 1.001 if i == 0 else g for i, g in enumerate(cpu_layers.layernorm_backward(dout, cache)))
     ref = GPT(CFG, seed=3, dtype="float64", layers="reference")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minigpt2 import GPT, GPTConfig, layers, optim
+from minigpt2.fast import optim as fast_optim
 from minigpt2.gradcheck import rel_error
 
 pytestmark = pytest.mark.gpu
@@ -70,6 +71,31 @@ def test_float16_cublas_attention_follows_the_float32_reference(T):
     assert dqkv16.dtype == cp.float16 and rel_error(dqkv16, dqkv) < 1e-2
 
 
+@pytest.mark.parametrize("dtype,matmul", [("float64", "cupy_matmul"), ("float32", "cupy_matmul"),
+                                          ("float16", "cublas_matmul")])
+@pytest.mark.parametrize("T", [1, 7, 64])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_the_one_stored_attention_serves_both_matmuls(dtype, matmul, T, dropout_p):
+    """The stored forward and backward (which run where the flash kernels do not), with CuPy's
+    matmul and with cuBLAS's float16 one, against the reference; the backward from the
+    reference's own cache (the same layout), its dropout mask included. A gradient 5% off fails
+    (negative control)."""
+    H, C = 4, 64
+    work = "float64" if dtype == "float64" else "float32"
+    qkv, dy = rand((2, T, 3 * C), work, 1), rand((2, T, C), work, 2)
+    y, cache = layers.attention_forward(qkv, H, dropout_p, cp.random.default_rng(5))
+    dqkv = layers.attention_backward(dy, cache)
+    mm = getattr(gpu_layers, matmul)
+    tol = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2}[dtype]
+    if not dropout_p:
+        y_s, _ = gpu_layers.attention_forward_stored(qkv.astype(dtype), H, matmul=mm)
+        assert y_s.dtype == cp.dtype(dtype) and rel_error(y_s, y) < tol
+    cache_s = tuple(a if a is None or isinstance(a, float) else a.astype(dtype) for a in cache)
+    got = gpu_layers.attention_backward_stored(dy.astype(dtype), cache_s, matmul=mm)
+    assert got.dtype == cp.dtype(dtype) and rel_error(got, dqkv) < tol
+    assert rel_error(got * 1.05, dqkv) > tol
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("V", [5, 97, 50257])
 def test_cross_entropy_kernels_match_the_readable_layer(dtype, V):
@@ -90,10 +116,23 @@ def test_adamw_kernel_matches_the_array_form(dtype):
     for step in range(3):
         g = rand((300, 7), dtype, 10 + step)
         kernels.adamw_update(p, g, m, v, 0.999, 0.9, 0.95, 1e-2, 1e-8)
-        optim.adamw_update(p2, g, m2, v2, 0.999, 0.9, 0.95, 1e-2, 1e-8)
+        fast_optim.adamw_update(p2, g, m2, v2, 0.999, 0.9, 0.95, 1e-2, 1e-8)
     for got, want in zip((p, m, v), (p2, m2, v2)):
         assert rel_error(got, want) < TOL[dtype] * 10
-    assert optim.AdamW({"w": p})._update is kernels.adamw_update   # chosen once, on the GPU
+    assert fast_optim.AdamW({"w": p})._update is kernels.adamw_update   # chosen once, on the GPU
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fast_adamw_on_the_gpu_equals_the_readable_one(dtype):
+    params = {"w": rand((30, 7), dtype, 1), "b": rand(7, dtype, 2)}
+    plain = optim.AdamW({n: p.copy() for n, p in params.items()}, lr=1e-2)
+    fast = fast_optim.AdamW(params, lr=1e-2)
+    for step in range(3):
+        grads = {"w": rand((30, 7), dtype, 10 + step), "b": rand(7, dtype, 20 + step)}
+        plain.step(grads)
+        fast.step(grads)
+    for name in params:
+        assert rel_error(fast.params[name], plain.params[name]) < TOL[dtype] * 10, name
 
 
 def test_float16_kernels_follow_float32_within_half_precision():

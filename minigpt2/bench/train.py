@@ -73,7 +73,7 @@ def minigpt2_step(cfg, B, device="cpu"):
     The step returns the loss as a 0-d array on the device (no host round trip); the batch is
     a host array, uploaded by the model each step as a training loop's would be."""
     from ..model import GPT
-    from ..optim import AdamW
+    from ..fast.optim import AdamW
     model = GPT(cfg, seed=0, device=device)
     idx, targets = batch_for(cfg, B)
     opt = None

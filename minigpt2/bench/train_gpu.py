@@ -175,7 +175,8 @@ def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False
 
     from ..fast import gpu_layers
     from ..model import GPT
-    from ..optim import AdamW, LossScaler, global_norm
+    from ..fast.optim import AdamW
+    from ..optim import LossScaler, global_norm
     gpu_layers.GPU_FLASH = attention == "flash"
     model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute)
     model.on_block = memory.sample

@@ -17,7 +17,7 @@ import numpy as np
 from ..data import corpus as data
 from ..backend import to_numpy
 from ..training.checkpoint import load_model_folder
-from ..model import check_sampling
+from ..io.inputs import check_sampling
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
 

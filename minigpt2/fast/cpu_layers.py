@@ -23,12 +23,10 @@ Linear, dropout and embedding gain nothing from a rewrite: they are ``layers.py`
 
 from __future__ import annotations
 
-import math
-from types import SimpleNamespace
-
 import numpy as np
 
 from . import cpu_attention as cpu_attention
+from . import layer_set
 from .. import layers
 from ..backend import array_module, block_slices
 from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
@@ -192,14 +190,11 @@ def _cross_entropy_backward_float16(dloss, cache):
     return cross_entropy_backward(dloss, cache).astype(_F16)
 
 
-FLOAT16 = SimpleNamespace(
-    embedding_forward=embedding_forward, embedding_backward=embedding_backward,
+FLOAT16 = layer_set(
+    globals(),
     layernorm_forward=_layernorm_forward_float16, layernorm_backward=_layernorm_backward_float16,
-    linear_forward=linear_forward, linear_backward=linear_backward,
-    gelu_forward=_gelu_forward_float16, gelu_backward=gelu_backward,
-    dropout_forward=dropout_forward, dropout_backward=dropout_backward,
+    gelu_forward=_gelu_forward_float16,
     attention_forward=_attention_forward_float16, attention_backward=_attention_backward_float16,
-    attention_step=attention_step, softmax=softmax,
     cross_entropy_forward=_cross_entropy_forward_float16,
     cross_entropy_backward=_cross_entropy_backward_float16,
 )

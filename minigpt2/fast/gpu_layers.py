@@ -12,25 +12,26 @@ probabilities recomputed in the backward from one log-sum-exp per row) for the h
 compiled for and without attention dropout; otherwise, or with ``GPU_FLASH = False`` (the GPU
 bench's ``--attention stored``), the stored (B, H, T, T) form with its softmax in one kernel.
 
-``FLOAT16`` is the set for float16 activations: the same, with the stored attention's four batched
-matrix products sent to cuBLAS directly (``kernels.batched_matmul``), which reads the strided heads
-of qkv as they are; CuPy's own matmul would copy them and compute float16 stacks in float32.
+``FLOAT16`` is the set for float16 activations: the same, with the stored attention's batched
+matrix products sent to cuBLAS directly (``cublas_matmul``), which reads the strided heads of qkv
+as they are; CuPy's own matmul would copy them and compute float16 stacks in float32. One stored
+forward and one stored backward serve both sets, each taking its matmul as an argument.
 
 ``set_tf32`` switches the GPU's float32 matrix multiplies to TF32 tensor cores (the "tf32" and
-"float16" precisions of the model).
+"float16" precisions of the model, which sets it once, when its precision is set).
 
 Importing this module imports CuPy (through ``kernels``): the model imports it only on the GPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from types import SimpleNamespace
 
 import cupy as cp
 import numpy as np
 
-from . import flash_kernels, kernels
+from . import flash_kernels, kernels, layer_set
 from .cpu_attention import qkv_heads
 from .cpu_layers import gelu_backward
 from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
@@ -62,76 +63,65 @@ def cross_entropy_backward(dloss, cache):
 
 
 # ----------------------------------------------------------------------------------------------
-# causal multi-head self-attention
+# causal multi-head self-attention: the stored form, its batched products through ``matmul``
 
 
-def attention_forward_stored(qkv, n_head, dropout_p=0.0, rng=None):
+def cupy_matmul(a, b, out=None):
+    """a @ b over stacks, (B, H, m, k) @ (B, H, k, n), by CuPy; into ``out`` (a view, such as a
+    slice of dqkv) when given. CuPy copies a transposed operand into C order first, which for
+    att^T or ds^T (transposes of C-ordered (B, H, T, T) arrays) would be a copy of the whole
+    matrix: (a b)^T = b^T a^T moves the transpose onto b, the small (T, hs) operand, instead."""
+    if out is None:
+        return a @ b
+    if not a.flags.c_contiguous and a.transpose(0, 1, 3, 2).flags.c_contiguous:
+        out[...] = (b.transpose(0, 1, 3, 2) @ a.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    else:
+        out[...] = a @ b
+    return out
+
+
+def cublas_matmul(a, b, out=None):
+    """a @ b over float16 stacks by ``kernels.batched_matmul``, straight to cuBLAS on the strided
+    views as they are (CuPy's own matmul would copy them and compute float16 stacks in float32);
+    into a new array when ``out`` is not given."""
+    if out is None:
+        out = cp.empty(a.shape[:-1] + b.shape[-1:], dtype=a.dtype)
+    return kernels.batched_matmul(a, b, out)
+
+
+def attention_forward_stored(qkv, n_head, dropout_p=0.0, rng=None, matmul=cupy_matmul):
     """``layers.attention_forward`` with the scale, the causal mask and the softmax in one kernel
-    (``kernels.causal_softmax_forward``, which skips the masked half). Same output and cache."""
-    q, k, v = qkv_heads(qkv, n_head)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    att = kernels.causal_softmax_forward(q @ k.transpose(0, 1, 3, 2), scale)  # (B, H, T, T)
-    att_d, mask = dropout_forward(att, dropout_p, rng)
-    y = _merge_heads(att_d @ v)                                           # (B, T, C)
-    return y, (q, k, v, att, mask, scale)
-
-
-def attention_backward_stored(dy, cache):
-    """``layers.attention_backward`` with the softmax backward in one kernel
-    (``kernels.causal_softmax_backward``), dq, dk, dv written into their slices of dqkv."""
-    q, k, v, att, mask, scale = cache
-    B, H, T, hs = q.shape
-    dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
-    dqkv = cp.empty((B, T, 3, H, hs), dtype=dy.dtype)
-    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
-    att_d = att if mask is None else att * mask
-    # CuPy's batched matmul copies a transposed operand into C order first, which for att^T
-    # would be a copy of the whole (B, H, T, T) array: (a^T b)^T = b^T a moves the transpose
-    # onto the small (T, hs) operands instead
-    dv[...] = (dyh.transpose(0, 1, 3, 2) @ att_d).transpose(0, 1, 3, 2)
-    ds = dyh @ v.transpose(0, 1, 3, 2)                                    # d att_d (B, H, T, T)
-    if mask is not None:
-        ds *= mask
-    kernels.causal_softmax_backward(ds, att)
-    dq[...] = ds @ k
-    dq *= scale
-    dk[...] = (q.transpose(0, 1, 3, 2) @ ds).transpose(0, 1, 3, 2)        # as for dv
-    dk *= scale
-    return dqkv.reshape(B, T, 3 * H * hs)
-
-
-def _attention_forward_stored_float16(qkv, n_head, dropout_p=0.0, rng=None):
-    """``attention_forward_stored`` for float16 qkv: the two products go straight to cuBLAS
-    (``kernels.batched_matmul``) on the strided heads, and att @ v is written into the merged
-    (B, T, C) layout directly."""
+    (``kernels.causal_softmax_forward``, which skips the masked half); the two batched products
+    by ``matmul`` (``cublas_matmul`` in the ``FLOAT16`` set), att @ v written into the merged
+    (B, T, C) layout. Same output and cache."""
     q, k, v = qkv_heads(qkv, n_head)
     B, H, T, hs = q.shape
     scale = 1.0 / math.sqrt(hs)
-    att = kernels.batched_matmul(q, k.transpose(0, 1, 3, 2), cp.empty((B, H, T, T), q.dtype))
-    kernels.causal_softmax_forward(att, scale)
+    att = kernels.causal_softmax_forward(matmul(q, k.transpose(0, 1, 3, 2)), scale)  # (B, H, T, T)
     att_d, mask = dropout_forward(att, dropout_p, rng)
-    y = cp.empty((B, T, H, hs), dtype=q.dtype)
-    kernels.batched_matmul(att_d, v, y.transpose(0, 2, 1, 3))             # heads merged
+    y = cp.empty((B, T, H, hs), dtype=qkv.dtype)
+    matmul(att_d, v, y.transpose(0, 2, 1, 3))                             # heads merged
     return y.reshape(B, T, H * hs), (q, k, v, att, mask, scale)
 
 
-def _attention_backward_stored_float16(dy, cache):
-    """``attention_backward_stored`` for float16, its products through cuBLAS as in the forward,
-    dq, dk, dv written into their slices of dqkv."""
+def attention_backward_stored(dy, cache, matmul=cupy_matmul):
+    """``layers.attention_backward`` with the softmax backward in one kernel
+    (``kernels.causal_softmax_backward``), the four batched products by ``matmul`` as in the
+    forward, dq, dk, dv written into their slices of dqkv."""
     q, k, v, att, mask, scale = cache
     B, H, T, hs = q.shape
     dyh = _split_heads(dy, H)                                             # (B, H, T, hs)
     dqkv = cp.empty((B, T, 3, H, hs), dtype=dy.dtype)
     dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # views into dqkv
     att_d = att if mask is None else att * mask
-    kernels.batched_matmul(att_d.transpose(0, 1, 3, 2), dyh, dv)          # dv = att_d^T dy
-    ds = kernels.batched_matmul(dyh, v.transpose(0, 1, 3, 2), cp.empty_like(att))
+    matmul(att_d.transpose(0, 1, 3, 2), dyh, dv)                          # dv = att_d^T dy
+    ds = matmul(dyh, v.transpose(0, 1, 3, 2))                             # d att_d (B, H, T, T)
     if mask is not None:
         ds *= mask
     kernels.causal_softmax_backward(ds, att)
-    kernels.batched_matmul(ds, k, dq)
+    matmul(ds, k, dq)
     dq *= scale
-    kernels.batched_matmul(ds.transpose(0, 1, 3, 2), q, dk)
+    matmul(ds.transpose(0, 1, 3, 2), q, dk)
     dk *= scale
     return dqkv.reshape(B, T, 3 * H * hs)
 
@@ -162,19 +152,12 @@ def _flash_or(stored_forward, stored_backward):
 attention_forward, attention_backward = _flash_or(attention_forward_stored,
                                                   attention_backward_stored)
 _attention_forward_float16, _attention_backward_float16 = _flash_or(
-    _attention_forward_stored_float16, _attention_backward_stored_float16)
+    functools.partial(attention_forward_stored, matmul=cublas_matmul),
+    functools.partial(attention_backward_stored, matmul=cublas_matmul))
 
 
-FLOAT16 = SimpleNamespace(
-    embedding_forward=embedding_forward, embedding_backward=embedding_backward,
-    layernorm_forward=layernorm_forward, layernorm_backward=layernorm_backward,
-    linear_forward=linear_forward, linear_backward=linear_backward,
-    gelu_forward=gelu_forward, gelu_backward=gelu_backward,
-    dropout_forward=dropout_forward, dropout_backward=dropout_backward,
-    attention_forward=_attention_forward_float16, attention_backward=_attention_backward_float16,
-    attention_step=attention_step, softmax=softmax,
-    cross_entropy_forward=cross_entropy_forward, cross_entropy_backward=cross_entropy_backward,
-)
+FLOAT16 = layer_set(globals(), attention_forward=_attention_forward_float16,
+                    attention_backward=_attention_backward_float16)
 
 
 # ----------------------------------------------------------------------------------------------

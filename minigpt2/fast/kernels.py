@@ -4,15 +4,16 @@ Why fuse: written with array operations, LayerNorm makes about ten passes over i
 (mean, subtract, square, mean, rsqrt, multiply, multiply, add ...), each a kernel launch that reads
 and writes the whole array in GPU memory. The step is limited by those bytes, not by arithmetic.
 A fused kernel reads its inputs once, keeps the intermediates in registers, and writes its
-outputs once. Each function here computes exactly what a function of ``layers.py`` or ``optim.py``
-computes (named in its docstring) and ``tests/test_gpu_kernels.py`` tests them equal on the GPU.
+outputs once. Each function here computes exactly what a function of ``layers.py`` or
+``fast/optim.py`` computes (named in its docstring) and ``tests/test_gpu_kernels.py`` tests them
+equal on the GPU.
 
 Types: float32 and float64 arrays are computed in their own precision; float16 arrays (mixed
 precision) are loaded into float32 registers, computed in float32, and rounded to float16 once
 on the way out. Row statistics (LayerNorm's mean and rstd, the softmax's log-sum-exp) are kept in
 float32 (float64 for float64 input).
 
-This module imports CuPy at import time: ``gpu_layers.py`` and ``optim.AdamW`` import it only for
+This module imports CuPy at import time: ``gpu_layers.py`` and ``fast/optim.py`` import it only for
 CuPy arrays, so the CPU path never needs CuPy.
 """
 
@@ -441,7 +442,7 @@ def batched_matmul(a, b, out):
 
 
 # ----------------------------------------------------------------------------------------------
-# AdamW: one pass over p, g, m, v per parameter (optim.AdamW.step's ten passes)
+# AdamW: one pass over p, g, m, v per parameter (fast.optim.adamw_update's ten passes)
 
 _adamw = cp.ElementwiseKernel(
     "T g, T decay, T beta1, T beta2, T step, T eps_hat", "T p, T m, T v",
@@ -454,7 +455,7 @@ _adamw = cp.ElementwiseKernel(
 
 
 def adamw_update(p, g, m, v, decay, beta1, beta2, step, eps_hat):
-    """Fused ``optim.adamw_update``, in place: p, m, v updated by one AdamW step with the
+    """Fused ``fast.optim.adamw_update``, in place: p, m, v updated by one AdamW step with the
     constants folded, p <- p * decay - step * m / (sqrt(v) + eps_hat), in one pass."""
     g = cp.ascontiguousarray(g, dtype=p.dtype)
     t = p.dtype.type

@@ -36,7 +36,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..backend import array_module, to_numpy
-from ..optim import AdamW, clip_grad_norm, global_norm
+from ..fast.optim import AdamW
+from ..optim import clip_grad_norm, global_norm
 
 # Consecutive gradients are averaged together in flat buffers of about this size (PyTorch's
 # DDP uses 25 MiB): large enough that a collective's latency is small beside its transfer.
