@@ -18,6 +18,7 @@ import numpy as np
 from minigpt2 import data
 from minigpt2.data import prepare as prep
 from minigpt2.data import shards
+from helpers import prepare_corpus
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pipeline_v1"
 
@@ -37,8 +38,8 @@ def relocated(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 
 def run_prepare(src, out, **kw):
-    return prep.prepare([src], out, tokenizer=str(FIXTURE / "tok"), shard_tokens=250, workers=1,
-                        progress=False, log=lambda *_: None, piece_chars=100, **kw)
+    return prepare_corpus([src], out, tokenizer=str(FIXTURE / "tok"), shard_tokens=250,
+                          workers=1, progress=False, piece_chars=100, **kw)
 
 
 def test_old_manifest_loads_and_is_recognised_as_prepared(tmp_path):
@@ -69,9 +70,8 @@ def test_old_token_cache_is_reused_as_it_is(tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(FIXTURE / "cache", cache)
     text = (FIXTURE / "source.txt").read_text(encoding="utf-8")
-    char_tok = data.load_tokenizer(next((cache / "tokens").glob("toy-char-*")),
-                                   default_gpt2=False)
-    bpe_tok = data.load_tokenizer(FIXTURE / "tok", default_gpt2=False)
+    char_tok = data.load_tokenizer(next((cache / "tokens").glob("toy-char-*")))
+    bpe_tok = data.load_tokenizer(FIXTURE / "tok")
     times = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     for tok, kind in ((char_tok, "char"), (bpe_tok, "bpe")):
         folder = data.cache_tokens(text, "toy", "char", cache, tokenizer=tok)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minigpt2.data.token_files import encode_file
 from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -174,8 +175,8 @@ def test_parallel_file_encoder_equals_single_process(trained, tmp_path, shakespe
         for _ in range(5000))
     src = tmp_path / "in.txt"
     src.write_bytes(text.encode("utf-8"))
-    n1 = trained.encode_file(src, tmp_path / "one.bin", workers=1, block_chars=10_000)
-    n2 = trained.encode_file(src, tmp_path / "two.bin", workers=2, block_chars=10_000)
+    n1 = encode_file(trained, src, tmp_path / "one.bin", workers=1, block_chars=10_000)
+    n2 = encode_file(trained, src, tmp_path / "two.bin", workers=2, block_chars=10_000)
     one, two = (tmp_path / "one.bin").read_bytes(), (tmp_path / "two.bin").read_bytes()
     expected = trained.encode(text, allowed_special="all")
     assert n1 == n2 == len(expected) and one == two
@@ -186,14 +187,14 @@ def test_parallel_file_encoder_equals_single_process(trained, tmp_path, shakespe
 
 def test_file_encoder_errors(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        trained.encode_file(tmp_path / "missing.txt", tmp_path / "x.bin")
+        encode_file(trained, tmp_path / "missing.txt", tmp_path / "x.bin")
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8"):
-        trained.encode_file(bad, tmp_path / "x.bin", workers=1)
+        encode_file(trained, bad, tmp_path / "x.bin", workers=1)
     assert not list(tmp_path.glob("x.bin*"))              # no half-written token file left
     with pytest.raises(ValueError, match="another suffix than .json"):
-        trained.encode_file(bad, tmp_path / "x.json")
+        encode_file(trained, bad, tmp_path / "x.json")
 
 
 # --- bad input -----------------------------------------------------------------------------------

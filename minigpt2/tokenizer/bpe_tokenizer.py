@@ -13,8 +13,8 @@ Where things are (read bpe.py first: the whole algorithm as a plain loop):
                     a chunk, the paper's category rule; ``bytes_to_unicode``, the printable
                     stand-in of each byte (space is ``Ġ``) in GPT-2's files, and the order of ids
                     0-255 (``gpt2_byte_order``: ``'!'`` is id 0).
-- bpe_trainer.py    the fast trainer behind ``Tokenizer.train`` (pair index, lazy heap).
-- token_files.py    ``Tokenizer.encode_file``: a text file into a uint16 token file, in parallel.
+- trainer.py        the fast trainer behind ``Tokenizer.train`` (pair index, lazy heap).
+- base.py           the interface ``Tokenizer`` shares with ``CharTokenizer`` (char.py).
 - here              ``Tokenizer``: the fast encoder (a chunk cache, two merge loops), decoding,
                     special tokens, and GPT-2's files (``Tokenizer.gpt2()`` reads OpenAI's
                     50,000 merges, ``<|endoftext|>`` = 50256).
@@ -36,16 +36,16 @@ from pathlib import Path
 
 import regex
 
+from .base import TokenizerBase
 from .trainer import count_chunks, learn_merges
 from .pretokenize import (GPT2_SPLIT_PATTERN, _fix_surrogates, bytes_to_unicode,
-                          gpt2_byte_order, safe_split, split_chunks)
-from ..data.token_files import encode_file
+                          gpt2_byte_order, split_chunks)
 
 # The public names of the tokenizer, importable from here wherever they live (the pattern and
-# byte alphabet in pretokenize.py, the trainer in bpe_trainer.py).
+# byte alphabet in pretokenize.py, the trainer in trainer.py).
 __all__ = ["ENDOFTEXT", "GPT2_FILES_SHA256", "GPT2_SPLIT_PATTERN", "MERGES_HEADER", "Tokenizer",
            "bytes_to_unicode", "check_sha256", "count_chunks", "gpt2_byte_order", "gpt2_files",
-           "learn_merges", "safe_split", "split_chunks"]
+           "learn_merges", "split_chunks"]
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -81,8 +81,8 @@ class _ChunkCache(dict):
         return self._encode_chunk(chunk)
 
 
-class Tokenizer:
-    """Byte-level BPE with GPT-2's pre-tokenization.
+class Tokenizer(TokenizerBase):
+    """Byte-level BPE with GPT-2's pre-tokenization (the interface of base.py).
 
     ``Tokenizer(vocab, merges, special_tokens)``:
       vocab           dict id -> bytes of the ordinary tokens; must hold the 256 single bytes
@@ -97,6 +97,7 @@ class Tokenizer:
     # Chunks are cached with their ids: real text repeats its words, and a dict lookup is far
     # cheaper than re-running BPE. The cache is emptied when it grows past this many chunks.
     CACHE_MAX = 1 << 19
+    kind = "bpe"
 
     def __init__(self, vocab: dict[int, bytes], merges, special_tokens=None, name: str = "bpe"):
         self.vocab = {int(i): bytes(b) for i, b in vocab.items()}
@@ -474,18 +475,16 @@ class Tokenizer:
         except ValueError as e:
             raise ValueError(f"{vocab_path} + {merges_path.name}: {e}") from None
 
-    def save(self, directory) -> None:
-        """Write ``vocab.json`` (token -> id, all tokens) and ``merges.txt`` (``#version: 0.2``
-        header, one merge per line in rank order, final newline) — GPT-2's encoder.json and
-        vocab.bpe under the Hugging Face names, readable by transformers and tiktoken."""
-        from ..io.files import write_atomic
-
-        directory = Path(directory)
+    def files(self) -> dict[str, bytes]:
+        """What ``save`` writes: ``vocab.json`` (token -> id, all tokens) and ``merges.txt``
+        (``#version: 0.2`` header, one merge per line in rank order, final newline) — GPT-2's
+        encoder.json and vocab.bpe under the Hugging Face names, readable by transformers and
+        tiktoken."""
         table = {self.token_str(i): i for i in sorted(self._decoder)}
-        write_atomic(directory / "vocab.json", json.dumps(table, ensure_ascii=False) + "\n")
         lines = [MERGES_HEADER] + [f"{self.token_str(a)} {self.token_str(b)}"
                                    for a, b in self.merges]
-        write_atomic(directory / "merges.txt", "\n".join(lines) + "\n")
+        return {"vocab.json": (json.dumps(table, ensure_ascii=False) + "\n").encode("utf-8"),
+                "merges.txt": ("\n".join(lines) + "\n").encode("utf-8")}
 
     # --- training ---------------------------------------------------------------------------
 
@@ -532,23 +531,6 @@ class Tokenizer:
         vocab, merges = learn_merges(counts, vocab_size - len(special_tokens), progress)
         specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
         return cls(vocab, merges, specials)
-
-    # --- token files ------------------------------------------------------------------------
-
-    def encode_file(self, src, dst, workers: int | None = None, allowed_special="all",
-                    disallowed_special="all", progress: bool | None = None,
-                    block_chars: int = 1 << 20) -> int:
-        """Encode a UTF-8 text file into a token file: raw little-endian uint16 ids, no header,
-        and ``<dst stem>.json`` beside it (vocab_size, tokenizer, dtype, tokens). Returns T.
-
-        The text is read in blocks of about ``block_chars`` characters and cut only at *safe*
-        places (see ``safe_split``), where encoding the two sides apart gives the same ids as
-        encoding them together; the blocks are encoded in ``workers`` processes (default: all
-        CPUs) and written in order, so the file is byte-identical to ``encode`` of the whole
-        text.
-        """
-        return encode_file(self, src, dst, workers, allowed_special, disallowed_special,
-                           progress, block_chars)
 
 
 _BYTE_STAND_IN = bytes_to_unicode()
