@@ -291,6 +291,22 @@ def test_load_gpt2_files_from_a_folder(tmp_path, tok):
     assert loaded.encode("Hello world") == [15496, 995]
 
 
+def test_digest_hashes_the_saved_files_and_recognises_gpt2(tmp_path, tok):
+    """``digest`` is the SHA-256 of the files ``save`` writes (sorted by name, each name then
+    its bytes); GPT-2's is the constant ``is_gpt2`` compares with, whatever folder it was read
+    from (OpenAI's encoder.json + vocab.bpe too). One merge fewer is another tokenizer."""
+    import hashlib
+    from minigpt2.tokenizer.load import GPT2_DIGEST, is_gpt2
+    tok.save(tmp_path / "saved")
+    h = hashlib.sha256()
+    for f in sorted((tmp_path / "saved").iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    assert tok.digest() == h.hexdigest() == GPT2_DIGEST
+    assert is_gpt2(tok) and is_gpt2(Tokenizer.load(_copy_gpt2(tmp_path)))
+    fewer = Tokenizer(tok.vocab, tok.merges[:-1], tok.special_tokens)
+    assert fewer.digest() != GPT2_DIGEST and not is_gpt2(fewer)
+
+
 def test_missing_vocabulary_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         Tokenizer.load(tmp_path / "nowhere")

@@ -65,7 +65,9 @@ class TokenizerBase(ABC):
         """SHA-256 of the saved files (sorted by name, each name then its bytes): two tokenizers
         with the same digest give the same ids. It keys the token-file cache and is recorded
         by ``prepare``."""
-        h = hashlib.sha256()
-        for name, content in sorted(self.files().items()):
-            h.update(name.encode() + content)
-        return h.hexdigest()
+        if "_digest" not in self.__dict__:    # computed once: a tokenizer does not change
+            h = hashlib.sha256()
+            for name, content in sorted(self.files().items()):
+                h.update(name.encode() + content)
+            self._digest = h.hexdigest()
+        return self._digest

@@ -378,8 +378,7 @@ class Tokenizer(TokenizerBase):
     def token_str(self, i: int) -> str:
         """How token i is written in vocab.json (special tokens as themselves)."""
         if i in self.vocab:
-            stand_in = _BYTE_STAND_IN
-            return "".join(stand_in[b] for b in self.vocab[i])
+            return self.vocab[i].decode("latin-1").translate(_STAND_IN_OF_LATIN1)
         for s, j in self.special_tokens.items():
             if j == i:
                 return s
@@ -480,9 +479,11 @@ class Tokenizer(TokenizerBase):
         (``#version: 0.2`` header, one merge per line in rank order, final newline) — GPT-2's
         encoder.json and vocab.bpe under the Hugging Face names, readable by transformers and
         tiktoken."""
-        table = {self.token_str(i): i for i in sorted(self._decoder)}
-        lines = [MERGES_HEADER] + [f"{self.token_str(a)} {self.token_str(b)}"
-                                   for a, b in self.merges]
+        written = {i: b.decode("latin-1").translate(_STAND_IN_OF_LATIN1)
+                   for i, b in self.vocab.items()}           # token_str of every id at once
+        written.update((i, s) for s, i in self.special_tokens.items())
+        table = {written[i]: i for i in sorted(written)}
+        lines = [MERGES_HEADER] + [f"{written[a]} {written[b]}" for a, b in self.merges]
         return {"vocab.json": (json.dumps(table, ensure_ascii=False) + "\n").encode("utf-8"),
                 "merges.txt": ("\n".join(lines) + "\n").encode("utf-8")}
 
@@ -535,6 +536,9 @@ class Tokenizer(TokenizerBase):
 
 _BYTE_STAND_IN = bytes_to_unicode()
 _STAND_IN_BYTE = {c: b for b, c in _BYTE_STAND_IN.items()}
+# bytes.decode("latin-1") gives one character per byte (code point = byte); this table turns
+# each into the byte's stand-in, so a token's written form is two C loops, not a Python one
+_STAND_IN_OF_LATIN1 = {b: c for b, c in _BYTE_STAND_IN.items()}
 
 
 def gpt2_files() -> tuple[Path, Path]:

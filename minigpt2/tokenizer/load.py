@@ -3,7 +3,6 @@ a text, and whether a tokenizer is GPT-2's."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from .base import TokenizerBase
@@ -72,19 +71,16 @@ def new_tokenizer(kind: str, text: str, vocab_size: int | None = None):
     raise ValueError(f"unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
-@functools.lru_cache(maxsize=1)
-def _gpt2_reference():
-    return Tokenizer.gpt2()
+# ``digest()`` of GPT-2's tokenizer (``Tokenizer.gpt2()``: OpenAI's files, which
+# ``gpt2_files`` checks by their own SHA-256); tests/test_tokenizer.py recomputes it.
+GPT2_DIGEST = "f4d717c24c485b550df38252c4a61b8fce00e549082853e48d4b60488efe49ec"
 
 
 def is_gpt2(tok) -> bool:
-    """True when ``tok`` is GPT-2's tokenizer: the same 50,000 merges, byte tokens and
-    <|endoftext|> = 50256 as ``Tokenizer.gpt2()``, wherever it was loaded from."""
-    if not isinstance(tok, Tokenizer) or tok.vocab_size != 50257 or len(tok.merges) != 50000:
-        return False
-    ref = _gpt2_reference()
-    return (tok.merges == ref.merges and tok.vocab == ref.vocab
-            and tok.special_tokens == ref.special_tokens)
+    """True when ``tok`` is GPT-2's tokenizer (the same merges, byte tokens and
+    <|endoftext|> = 50256 as ``Tokenizer.gpt2()``), wherever it was loaded from."""
+    return (isinstance(tok, Tokenizer) and tok.vocab_size == 50257
+            and len(tok.merges) == 50000 and tok.digest() == GPT2_DIGEST)
 
 
 def tokenizer_name(tok) -> str:
