@@ -185,6 +185,19 @@ def test_parallel_file_encoder_equals_single_process(trained, tmp_path, shakespe
     assert meta["vocab_size"] == 1024 and meta["dtype"] == "uint16" and meta["tokens"] == n1
 
 
+def test_file_encoder_keeps_blocks_clear_of_special_tokens(tmp_path):
+    """A block cut just before <|endoftext|> would split the whitespace run before it (one chunk
+    in the whole text, where the special token ends the ordinary stretch): such cuts are not
+    taken, so small blocks give the ids of the whole text."""
+    tok = Tokenizer.gpt2()
+    text = "".join(f"word{i} a   \n\n<|endoftext|>b{i} " for i in range(400))
+    src = tmp_path / "in.txt"
+    src.write_text(text, encoding="utf-8")
+    n = encode_file(tok, src, tmp_path / "out.bin", workers=1, block_chars=50)
+    ids = np.fromfile(tmp_path / "out.bin", dtype="<u2").tolist()
+    assert n == len(ids) and ids == tok.encode(text, allowed_special="all")
+
+
 def test_file_encoder_errors(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         encode_file(trained, tmp_path / "missing.txt", tmp_path / "x.bin")

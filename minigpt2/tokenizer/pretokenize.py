@@ -136,13 +136,14 @@ _SAFE_CUT = re.compile(r"[\t\n\x0b\x0c\r ](?=\S)")
 
 
 def _near_special(text: str, p: int, specials) -> bool:
-    """True when a special token occurs across the cut before p, or starts at p + 1."""
+    """True when a special token occurs across the cut before p or starts at p + 1, or may: the
+    text (read so far) ends inside such a place with the start of a special token."""
     for s in specials:
-        a = text.find(s, max(0, p - len(s) + 1), p + 1 + len(s))
-        while a >= 0:
+        for a in range(max(0, p - len(s) + 1), p + 2):
             if a != p:                          # a token starting at p itself is harmless
-                return True
-            a = text.find(s, a + 1, p + 1 + len(s))
+                seen = text[a:a + len(s)]
+                if seen == s or (len(seen) < len(s) and s.startswith(seen)):
+                    return True
     return False
 
 
