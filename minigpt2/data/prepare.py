@@ -36,11 +36,11 @@ from .documents import PIECE_CHARS, iter_pieces, resolve_inputs
 from .token_files import TOKEN_DTYPE, EncodePool, ShardWriter, check_token_limit
 from ..io.files import write_atomic
 from ..io.progress import progress_bar
+from ..tokenizer.bpe_tokenizer import ENDOFTEXT as EOT
 from ..tokenizer.load import load_tokenizer, tokenizer_name
 
 STATE = "prepare.json"
 FORMAT = 2                     # 1: the tokenizer's digest was ``_format1_digest``
-EOT = "<|endoftext|>"
 DEFAULT_SHARD_TOKENS = 100_000_000
 
 
