@@ -43,3 +43,9 @@ def assert_grads(forward, backward, arrays, names, tol=TOL):
         numeric = numerical_gradient(loss, arrays[name])
         err = rel_error(analytic[name], numeric)
         assert err < tol, f"gradient of {name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def prepare_corpus(inputs, out, log=lambda *_: None, **settings):
+    """``prepare_shards`` of ``inputs`` into ``out`` with these settings, quietly."""
+    from minigpt2.data.prepare import PrepareSettings, prepare_shards
+    return prepare_shards(PrepareSettings(inputs, out, **settings), log=log)

@@ -17,7 +17,9 @@ import pytest
 from minigpt2.data import prepare as prep
 from minigpt2.data import shards
 from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer, gpt2_files
-from helpers import run_cli
+from minigpt2.data.token_files import cut_pieces
+from minigpt2.tokenizer import pretokenize
+from helpers import prepare_corpus, run_cli
 
 tiktoken = pytest.importorskip("tiktoken")
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
@@ -92,7 +94,7 @@ def test_safe_cuts_keep_the_ids(ref):
     checked = 0
     for text in texts:
         whole = ref.encode_ordinary(text)
-        for m in prep._SAFE_CUT.finditer(text):
+        for m in pretokenize._SAFE_CUT.finditer(text):
             p = m.start()
             assert ref.encode_ordinary(text[:p]) + ref.encode_ordinary(text[p:]) == whole, \
                 (text, p)
@@ -106,18 +108,18 @@ def test_unsafe_cut_changes_the_ids(ref):
     text = "hello  world"
     assert ref.encode_ordinary("hello  ") + ref.encode_ordinary("world") \
         != ref.encode_ordinary(text)
-    p = prep.last_safe_cut(text, 0, len(text))
+    p = pretokenize.last_safe_cut(text, 0, len(text))
     assert p == 6 and text[p] == " " and text[p + 1] == "w"
 
 
 def test_cut_pieces_rejoin_and_respect_the_size():
     text = "".join(make_docs(5, seed=2, max_words=3000))
-    pieces = list(prep.cut_pieces([text[i:i + 700] for i in range(0, len(text), 700)], 1000))
+    pieces = list(cut_pieces([text[i:i + 700] for i in range(0, len(text), 700)], 1000))
     assert "".join(pieces) == text
     assert len(pieces) > 5 and max(len(p) for p in pieces) <= 1000
     # no safe place at all: one piece, however long
-    assert list(prep.cut_pieces(["x" * 5000], 1000)) == ["x" * 5000]
-    assert list(prep.cut_pieces([], 1000)) == [""]
+    assert list(cut_pieces(["x" * 5000], 1000)) == ["x" * 5000]
+    assert list(cut_pieces([], 1000)) == [""]
 
 
 # --- the stream -----------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def test_jsonl_txt_folder_equal_tiktoken(tmp_path, ref, gpt2):
     out = folder / "shards"                     # inside the input folder: not read as input
     (out).mkdir()
     (out / "vocab.txt").write_text("not an input either")
-    result = prep.prepare([folder], out, tokenizer=gpt2, shard_tokens=2000, workers=1,
+    result = prepare_corpus([folder], out, tokenizer=gpt2, shard_tokens=2000, workers=1,
                           progress=False, log=lambda *_: None)
     stream, manifest = read_stream(out)
     assert np.array_equal(stream, reference_stream(ref, docs))
@@ -159,7 +161,7 @@ def test_long_document_in_pieces_and_two_workers(tmp_path, ref, gpt2):
     expected = reference_stream(ref, docs + [long_doc])
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
-        prep.prepare([src, tmp_path / "big.txt"], out, tokenizer=gpt2, shard_tokens=3000,
+        prepare_corpus([src, tmp_path / "big.txt"], out, tokenizer=gpt2, shard_tokens=3000,
                      workers=workers, piece_chars=2048, progress=False, log=lambda *_: None)
         assert np.array_equal(read_stream(out)[0], expected)
     assert (tmp_path / "out1" / "manifest.json").read_bytes() == \
@@ -174,7 +176,7 @@ def test_saved_bpe_tokenizer_and_val_shards(tmp_path):
     src = tmp_path / "d.jsonl"
     write_jsonl(src, docs)
     out = tmp_path / "out"
-    prep.prepare([src], out, tokenizer=str(tmp_path / "tok"), shard_tokens=1500, val_shards=2,
+    prepare_corpus([src], out, tokenizer=str(tmp_path / "tok"), shard_tokens=1500, val_shards=2,
                  workers=1, progress=False, log=lambda *_: None)
     stream, manifest = read_stream(out)
     eot = tok.special_tokens[ENDOFTEXT]
@@ -201,7 +203,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, gpt2):
     inputs = [src, tmp_path / "long.txt"]
     kw = dict(tokenizer=gpt2, shard_tokens=1000, workers=1, piece_chars=3000, progress=False,
               log=lambda *_: None)
-    prep.prepare(inputs, tmp_path / "whole", **kw)
+    prepare_corpus(inputs, tmp_path / "whole", **kw)
     whole = read_stream(tmp_path / "whole")[0]
 
     for stop_after in (1, 7):            # shards completed before the "crash"
@@ -217,11 +219,11 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, gpt2):
 
         monkeypatch.setattr(prep, "_save_state", crashing)
         with pytest.raises(_Stop):
-            prep.prepare(inputs, out, **kw)
+            prepare_corpus(inputs, out, **kw)
         monkeypatch.setattr(prep, "_save_state", real)
         assert not (out / "manifest.json").exists()
         assert len(json.loads((out / prep.STATE).read_text())["shards"]) == stop_after
-        result = prep.prepare(inputs, out, **kw)
+        result = prepare_corpus(inputs, out, **kw)
         assert result["resumed"]
         assert np.array_equal(read_stream(out)[0], whole)
         assert (out / "manifest.json").read_bytes() == \
@@ -233,13 +235,13 @@ def test_rerun_other_settings_refused_and_val_shards_rewritten(tmp_path, gpt2):
     write_jsonl(src, make_docs(30, seed=7))
     out = tmp_path / "out"
     kw = dict(tokenizer=gpt2, workers=1, progress=False, log=lambda *_: None)
-    prep.prepare([src], out, shard_tokens=1000, **kw)
+    prepare_corpus([src], out, shard_tokens=1000, **kw)
     with pytest.raises(FileExistsError, match="--shard-tokens"):
-        prep.prepare([src], out, shard_tokens=900, **kw)
-    prep.prepare([src], out, shard_tokens=1000, val_shards=2, **kw)      # manifest only
+        prepare_corpus([src], out, shard_tokens=900, **kw)
+    prepare_corpus([src], out, shard_tokens=1000, val_shards=2, **kw)      # manifest only
     splits = [s["split"] for s in json.loads((out / "manifest.json").read_text())["shards"]]
     assert splits[:3] == ["val", "val", "train"]
-    prep.prepare([src], out, shard_tokens=900, overwrite=True, **kw)
+    prepare_corpus([src], out, shard_tokens=900, overwrite=True, **kw)
     assert json.loads((out / "manifest.json").read_text())["shards"][0]["tokens"] == 900
 
 
@@ -268,7 +270,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path, gpt2, content, field, message):
     src = tmp_path / "d.jsonl"
     src.write_text(content)
     with pytest.raises(ValueError, match=message.replace("[", r"\[")) as e:
-        prep.prepare([src], tmp_path / "out", tokenizer=gpt2, workers=1, text_field=field,
+        prepare_corpus([src], tmp_path / "out", tokenizer=gpt2, workers=1, text_field=field,
                      progress=False)
     assert str(src) in str(e.value)
 
@@ -283,10 +285,10 @@ def test_bad_inputs(tmp_path, gpt2):
             (tmp_path / "empty", FileNotFoundError, "holds no"),
             (tmp_path / "latin1.txt", ValueError, "not UTF-8")):
         with pytest.raises(error, match=message):
-            prep.prepare([path], tmp_path / "o", tokenizer=gpt2, workers=1, progress=False)
+            prepare_corpus([path], tmp_path / "o", tokenizer=gpt2, workers=1, progress=False)
     for flag, value in (("shard_tokens", 0), ("val_shards", 0), ("workers", -1)):
         with pytest.raises(ValueError, match=flag.replace("_", "-")):
-            prep.prepare([tmp_path / "latin1.txt"], tmp_path / "o", **{flag: value})
+            prepare_corpus([tmp_path / "latin1.txt"], tmp_path / "o", **{flag: value})
 
 
 def test_hf_input_without_datasets_is_one_line(tmp_path):
@@ -328,7 +330,7 @@ def test_ctrl_c_then_kill_then_the_same_command_finishes_the_job(tmp_path, gpt2)
     import time
     src = tmp_path / "d.jsonl"
     write_jsonl(src, make_docs(600, seed=8, max_words=800))
-    prep.prepare([src], tmp_path / "whole", tokenizer=gpt2, shard_tokens=4000, workers=1,
+    prepare_corpus([src], tmp_path / "whole", tokenizer=gpt2, shard_tokens=4000, workers=1,
                  progress=False, log=lambda *_: None)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "minigpt2", "prepare", str(src), "--out", str(out),
@@ -361,3 +363,51 @@ def test_ctrl_c_then_kill_then_the_same_command_finishes_the_job(tmp_path, gpt2)
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
     assert np.array_equal(read_stream(out)[0], read_stream(tmp_path / "whole")[0])
     assert not list(out.glob("*.partial"))
+
+
+# --- issue 24: refusals that say what is really wrong, and when ------------------------------
+
+def test_out_folder_that_is_the_input_folder_is_named(tmp_path):
+    """``prepare DIR --out DIR``: the folder does hold .txt files; the trouble is that the
+    shards would go among them."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text here\n" * 50)
+    r = run_cli("prepare", tmp_path / "corpus", "--out", tmp_path / "corpus", "--workers", "1",
+                "--no-progress")
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and "--out" in line and "holds no" not in line
+    assert not list((tmp_path / "corpus").glob("shard_*"))
+
+
+def test_too_many_val_shards_refused_before_tokenizing(tmp_path, gpt2, monkeypatch):
+    src = tmp_path / "d.jsonl"
+    write_jsonl(src, make_docs(20, seed=9))          # some 30 kB: fewer than 100 shards
+
+    def no_encoding(*args):
+        raise AssertionError("the corpus was tokenized before --val-shards was refused")
+
+    monkeypatch.setattr(prep, "encode_pieces", no_encoding)
+    with pytest.raises(ValueError, match="--val-shards 100 leaves no training shard"):
+        prepare_corpus([src], tmp_path / "out", tokenizer=gpt2, shard_tokens=500,
+                       val_shards=100, workers=1, progress=False)
+    assert not (tmp_path / "out" / prep.STATE).exists()
+
+
+def test_shard_tokens_advice_is_one_train_accepts(tmp_path, gpt2):
+    """The one-shard refusal suggests a --shard-tokens and the largest --block-size it allows;
+    prepared so, ``train``'s check accepts that block size, and one more is refused with advice
+    that agrees (a larger --shard-tokens, or a smaller --block-size)."""
+    import re
+    src = tmp_path / "d.jsonl"
+    write_jsonl(src, make_docs(6, seed=10))
+    with pytest.raises(ValueError, match="only 1 shard") as e:
+        prepare_corpus([src], tmp_path / "out", tokenizer=gpt2, workers=1, progress=False)
+    shard_tokens = int(re.search(r"--shard-tokens (\d+) \(", str(e.value)).group(1))
+    block_size = int(re.search(r"--block-size (\d+) or less", str(e.value)).group(1))
+    assert shard_tokens > 1 and block_size == shard_tokens - 1
+    prepare_corpus([src], tmp_path / "out", tokenizer=gpt2, shard_tokens=shard_tokens,
+                   workers=1, progress=False)
+    shards.training_data(tmp_path / "out", block_size=block_size, log=lambda *_: None)
+    with pytest.raises(ValueError, match="larger --shard-tokens"):
+        shards.training_data(tmp_path / "out", block_size=block_size + 1, log=lambda *_: None)

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt2.bench.tokenizer import python_sources
-from minigpt2.tokenizer.pretokenize import _ASCII_SPLIT, _SPLIT
+from minigpt2.tokenizer.pretokenize import _ASCII_SPLIT, _SPLIT, last_safe_cut
 from minigpt2.tokenizer.bpe_tokenizer import (ENDOFTEXT, GPT2_SPLIT_PATTERN, Tokenizer, bytes_to_unicode,
-                                gpt2_byte_order, gpt2_files, safe_split, split_chunks)
+                                gpt2_byte_order, gpt2_files, split_chunks)
 
 tiktoken = pytest.importorskip("tiktoken")
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
@@ -281,18 +281,34 @@ def test_decode_rejects_ids_out_of_range(tok, bad):
         tok.decode(bad)
 
 
-def test_safe_split_points_keep_ids(tok):
-    text = shakespeare()[:200_000] + "\r\nx  \n\ny\n <|endoftext|>\n\tz"
+def test_safe_cuts_keep_ids(tok):
+    """Cutting at every safe place (``last_safe_cut``, special tokens kept clear of) and
+    encoding the pieces apart gives the ids of the whole text."""
+    specials = tuple(tok.special_tokens)
+    text = shakespeare()[:200_000] + "\r\nx  \n\ny\n <|endoftext|>\n\tz a   \n\n<|endoftext|>b"
     whole = tok.encode(text, allowed_special="all")
     cuts, rest = 0, text
     pieces_ids = []
     while rest:
-        p = safe_split(rest[:5000])
+        p = last_safe_cut(rest, 1, 5000, specials)
         p = p if p > 0 else len(rest)
         pieces_ids += tok.encode(rest[:p], allowed_special="all")
         rest = rest[p:]
         cuts += 1
     assert cuts > 10 and pieces_ids == whole
+
+
+def test_a_cut_just_before_a_special_token_is_not_safe(tok):
+    """Negative control: before a special token the whole text ends an ordinary stretch there,
+    so its whitespace run is one chunk; the rule alone (whitespace, then no whitespace) would
+    cut it and change the ids. With the special tokens named, no cut is found."""
+    text = "a   \n\n<|endoftext|>b"
+    p = last_safe_cut(text, 1, len(text))
+    assert p == 5
+    apart = tok.encode(text[:p], allowed_special="all") + tok.encode(text[p:],
+                                                                    allowed_special="all")
+    assert apart != tok.encode(text, allowed_special="all")
+    assert last_safe_cut(text, 1, len(text), tuple(tok.special_tokens)) == -1
 
 
 # --- the vocabulary files ------------------------------------------------------------------------
@@ -309,6 +325,22 @@ def test_load_gpt2_files_from_a_folder(tmp_path, tok):
     loaded = Tokenizer.load(_copy_gpt2(tmp_path))
     assert loaded.merges == tok.merges and loaded.special_tokens == tok.special_tokens
     assert loaded.encode("Hello world") == [15496, 995]
+
+
+def test_digest_hashes_the_saved_files_and_recognises_gpt2(tmp_path, tok):
+    """``digest`` is the SHA-256 of the files ``save`` writes (sorted by name, each name then
+    its bytes); GPT-2's is the constant ``is_gpt2`` compares with, whatever folder it was read
+    from (OpenAI's encoder.json + vocab.bpe too). One merge fewer is another tokenizer."""
+    import hashlib
+    from minigpt2.tokenizer.load import GPT2_DIGEST, is_gpt2
+    tok.save(tmp_path / "saved")
+    h = hashlib.sha256()
+    for f in sorted((tmp_path / "saved").iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    assert tok.digest() == h.hexdigest() == GPT2_DIGEST
+    assert is_gpt2(tok) and is_gpt2(Tokenizer.load(_copy_gpt2(tmp_path)))
+    fewer = Tokenizer(tok.vocab, tok.merges[:-1], tok.special_tokens)
+    assert fewer.digest() != GPT2_DIGEST and not is_gpt2(fewer)
 
 
 def test_missing_vocabulary_files_are_clear_errors(tmp_path):

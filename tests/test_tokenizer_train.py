@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minigpt2.data.token_files import encode_file
 from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -174,8 +175,8 @@ def test_parallel_file_encoder_equals_single_process(trained, tmp_path, shakespe
         for _ in range(5000))
     src = tmp_path / "in.txt"
     src.write_bytes(text.encode("utf-8"))
-    n1 = trained.encode_file(src, tmp_path / "one.bin", workers=1, block_chars=10_000)
-    n2 = trained.encode_file(src, tmp_path / "two.bin", workers=2, block_chars=10_000)
+    n1 = encode_file(trained, src, tmp_path / "one.bin", workers=1, block_chars=10_000)
+    n2 = encode_file(trained, src, tmp_path / "two.bin", workers=2, block_chars=10_000)
     one, two = (tmp_path / "one.bin").read_bytes(), (tmp_path / "two.bin").read_bytes()
     expected = trained.encode(text, allowed_special="all")
     assert n1 == n2 == len(expected) and one == two
@@ -184,16 +185,29 @@ def test_parallel_file_encoder_equals_single_process(trained, tmp_path, shakespe
     assert meta["vocab_size"] == 1024 and meta["dtype"] == "uint16" and meta["tokens"] == n1
 
 
+def test_file_encoder_keeps_blocks_clear_of_special_tokens(tmp_path):
+    """A block cut just before <|endoftext|> would split the whitespace run before it (one chunk
+    in the whole text, where the special token ends the ordinary stretch): such cuts are not
+    taken, so small blocks give the ids of the whole text."""
+    tok = Tokenizer.gpt2()
+    text = "".join(f"word{i} a   \n\n<|endoftext|>b{i} " for i in range(400))
+    src = tmp_path / "in.txt"
+    src.write_text(text, encoding="utf-8")
+    n = encode_file(tok, src, tmp_path / "out.bin", workers=1, block_chars=50)
+    ids = np.fromfile(tmp_path / "out.bin", dtype="<u2").tolist()
+    assert n == len(ids) and ids == tok.encode(text, allowed_special="all")
+
+
 def test_file_encoder_errors(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        trained.encode_file(tmp_path / "missing.txt", tmp_path / "x.bin")
+        encode_file(trained, tmp_path / "missing.txt", tmp_path / "x.bin")
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8"):
-        trained.encode_file(bad, tmp_path / "x.bin", workers=1)
+        encode_file(trained, bad, tmp_path / "x.bin", workers=1)
     assert not list(tmp_path.glob("x.bin*"))              # no half-written token file left
     with pytest.raises(ValueError, match="another suffix than .json"):
-        trained.encode_file(bad, tmp_path / "x.json")
+        encode_file(trained, bad, tmp_path / "x.json")
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import pytest
 
 from minigpt2 import data
 from minigpt2.data import shards
-from minigpt2.data import prepare as prep
 from minigpt2.commands import main
 from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
 from minigpt2.training.loop import TrainConfig, setup, train
+from helpers import prepare_corpus
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hellaswag_mini.jsonl"
 WORDS = ["to", "be", "or", "not", "the", "king", "queen", "thou", "art", "my", "lord", "\n"]
@@ -37,7 +37,7 @@ def prepared(folder: Path, tok, seed=0, n=60, shard_tokens=400):
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(n, seed)))
     tok_dir = folder.parent / f"{folder.name}_tok"
     tok.save(tok_dir)
-    prep.prepare([src], folder, tokenizer=str(tok_dir), shard_tokens=shard_tokens, workers=1,
+    prepare_corpus([src], folder, tokenizer=str(tok_dir), shard_tokens=shard_tokens, workers=1,
                  progress=False, log=lambda *_: None, overwrite=True)
     return folder
 
@@ -128,7 +128,7 @@ def test_hellaswag_logged_at_each_evaluation(tmp_path):
     folder = tmp_path / "corpus"
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(30, 3)))
-    prep.prepare([src], folder, shard_tokens=300, workers=1, progress=False,
+    prepare_corpus([src], folder, shard_tokens=300, workers=1, progress=False,
                  log=lambda *_: None)
     cfg = TrainConfig(data=str(folder), max_iters=2, eval_interval=2, log_interval=1,
                       out=str(tmp_path / "run"), hellaswag=str(FIXTURE), hellaswag_examples=2,

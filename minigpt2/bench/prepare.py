@@ -197,13 +197,12 @@ def rss():
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
 imports = rss()
 tok = Tokenizer.gpt2()
-prepare._worker_init(tok, 50256)
 tables = rss()
 rng, letters, peak = random.Random(0), "abcdefghijklmnopqrstuvwxyz", 0
 while len(tok._cache) <= Tokenizer.CACHE_MAX:
     words = ["".join(rng.choice(letters) for _ in range(rng.randrange(5, 12)))
              for _ in range(100_000)]
-    prepare.encode_pieces([(True, " " + " ".join(words))])
+    prepare.encode_pieces(tok, 50256, [(True, " " + " ".join(words))])
     peak = max(peak, rss())
 print(json.dumps({"imports": imports, "tables": tables, "peak": peak, "cache": len(tok._cache)}))
 """

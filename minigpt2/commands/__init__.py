@@ -22,7 +22,7 @@ COMMANDS = {
     "sample": ("minigpt2.commands.sample", "generate text from a trained model or a GPT-2 folder"),
     "plot": ("minigpt2.commands.plot", "draw the loss curves of a training run to a PNG"),
     "download": ("minigpt2.commands.download", "fetch OpenAI's GPT-2 weights from the Hugging Face Hub"),
-    "prepare": ("minigpt2.data.prepare", "stream a corpus of any size into token shards + "
+    "prepare": ("minigpt2.commands.prepare", "stream a corpus of any size into token shards + "
                 "manifest.json"),
     "tokenizer": ("minigpt2.commands.tokenizer", "byte-level BPE: train a vocabulary, encode, decode"),
     "bench": ("minigpt2.bench", "minigpt2 against reference libraries: tokenizer, train, generate, "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import corpus as data
+from .. import data
 from ..backend import to_numpy
 from ..training.checkpoint import load_model_folder
 from ..io.inputs import check_sampling
@@ -65,7 +65,7 @@ def run(args) -> int:
     prompt = default_prompt(tokenizer) if args.prompt is None else args.prompt
     ids = encode_prompt(tokenizer, prompt)
     # the ids the tokenizer can decode: all of the model's, or fewer when its vocabulary is padded
-    vocab_size = min(data.vocab_size_of(tokenizer), model.config.vocab_size)
+    vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
     top_k = min(args.top_k, vocab_size) if args.top_k else None
     idx = np.asarray([ids] * args.num_samples)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=top_k,

@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..data.token_files import encode_file
 from ..io.hf import INDEX
 from ..tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
+from ..tokenizer.load import load_tokenizer
 from ..training.checkpoint import BEST, MODEL_FILES, OPTIMIZER, STATE
 from ..training.loop import METRICS
 
@@ -65,10 +67,6 @@ def add_arguments(p):
 
 def run(args) -> int:
     return args._action(args)
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
-    return Tokenizer.gpt2() if spec == "gpt2" else Tokenizer.load(spec)
 
 
 def read_utf8(path: Path) -> str:
@@ -177,10 +175,10 @@ def run_encode(args) -> int:
         print(" ".join(map(str, tok.encode(read_utf8(args.file), **special))))
         return 0
     start = time.perf_counter()
-    n = tok.encode_file(args.file, args.out, workers=args.workers,
-                        allowed_special=special.get("allowed_special", ()),
-                        disallowed_special=special.get("disallowed_special", "all"),
-                        progress=False if args.no_progress else None)
+    n = encode_file(tok, args.file, args.out, workers=args.workers,
+                    allowed_special=special.get("allowed_special", ()),
+                    disallowed_special=special.get("disallowed_special", "all"),
+                    progress=False if args.no_progress else None)
     seconds = time.perf_counter() - start
     print(f"{n:,} tokens -> {args.out} (+ {args.out.with_suffix('.json').name}) "
           f"in {seconds:.1f} s")

@@ -15,27 +15,24 @@ text's SHA-256). ``get_batch`` draws random windows from them, as nanoGPT's does
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from .token_files import encode_text, read_tokens, token_meta, write_meta, write_tokens
 from ..io.files import write_atomic
+from ..tokenizer.load import new_tokenizer
 
 TINYSHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
                        "tinyshakespeare/input.txt")
-TOKEN_DTYPE = np.dtype("<u2")       # uint16 little-endian: ids up to 65,535 (GPT-2's 50,257 fit)
 META = "meta.json"
-CHARS = "chars.json"                # the character-level tokenizer's file (see CharTokenizer)
-TOKENIZERS = ("char", "gpt2", "bpe")
 TRAIN_FRACTION = 0.9
 
 
@@ -195,178 +192,21 @@ def load_source(data=None, dataset=None, directory=None) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# character-level tokenizer
-
-
-class CharTokenizer:
-    """One id per distinct character, in sorted order (nanoGPT's shakespeare_char).
-
-    Saved as ``chars.json``: ``{"type": "char", "vocab_size": V, "chars": [c0, c1, ...]}``, where
-    ``chars[i]`` is the character of id i. Same ``encode``/``decode`` as the BPE Tokenizer.
-    """
-
-    def __init__(self, chars):
-        self.chars = list(chars)
-        if len(set(self.chars)) != len(self.chars) or not all(len(c) == 1 for c in self.chars):
-            raise ValueError("a character vocabulary must list distinct single characters")
-        self.vocab_size = len(self.chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        # codepoints sorted, for the vectorised encode below
-        self._codes = np.array(sorted(ord(c) for c in self.chars), dtype=np.uint32)
-        self._ids = np.array([self.stoi[chr(c)] for c in self._codes], dtype=np.int64)
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls(sorted(set(text)))
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """text -> ids (N,) int64, vectorised: a sorted search over the code points, no Python
-        loop per character."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        pos = np.searchsorted(self._codes, codes)
-        pos = np.minimum(pos, len(self._codes) - 1)
-        unknown = self._codes[pos] != codes
-        if unknown.any():
-            bad = chr(int(codes[unknown][0]))
-            raise ValueError(f"character {bad!r} is not in the vocabulary of {self.vocab_size} "
-                             "characters (the checkpoint was trained on other text)")
-        return self._ids[pos]
-
-    def encode(self, text: str, **_) -> list[int]:
-        return self.encode_array(text).tolist()
-
-    def decode(self, ids) -> str:
-        """ids -> text. Every id must be an integer in [0, vocab_size): a negative id would
-        otherwise index from the end and a float would be truncated, both silently."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()                  # array -> Python ints (or floats, refused below)
-        chars, out = self.chars, []
-        for pos, i in enumerate(ids):
-            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) \
-                    or not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i!r} at position {pos} is not in this character "
-                                 f"vocabulary (ids are integers from 0 to {self.vocab_size - 1})")
-            out.append(chars[i])
-        return "".join(out)
-
-    def save(self, directory) -> None:
-        payload = {"type": "char", "vocab_size": self.vocab_size, "chars": self.chars}
-        write_atomic(Path(directory) / CHARS,
-                      (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    @classmethod
-    def load(cls, directory) -> "CharTokenizer":
-        path = Path(directory) / CHARS
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-            return cls(payload["chars"])
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a character vocabulary file ({e})") from None
-
-
-def load_tokenizer(directory, default_gpt2=True):
-    """The tokenizer saved in a model folder: chars.json (character-level), vocab.json +
-    merges.txt or encoder.json + vocab.bpe (BPE); otherwise GPT-2's own vocabulary
-    (a Hugging Face GPT-2 folder often has none), or None when ``default_gpt2`` is False."""
-    directory = Path(directory)
-    if (directory / CHARS).is_file():
-        return CharTokenizer.load(directory)
-    bpe_files = ((directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()) \
-        or ((directory / "encoder.json").is_file() and (directory / "vocab.bpe").is_file())
-    if bpe_files or default_gpt2:
-        from ..tokenizer.bpe_tokenizer import Tokenizer  # imported only when BPE is used
-        return Tokenizer.load(directory) if bpe_files else Tokenizer.gpt2()
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def _gpt2_reference():
-    from ..tokenizer.bpe_tokenizer import Tokenizer
-    return Tokenizer.gpt2()
-
-
-def is_gpt2(tok) -> bool:
-    """True when ``tok`` is GPT-2's tokenizer: the same 50,000 merges, byte tokens and
-    <|endoftext|> = 50256 as ``Tokenizer.gpt2()``, wherever it was loaded from."""
-    if isinstance(tok, CharTokenizer) or getattr(tok, "vocab_size", None) != 50257 \
-            or len(getattr(tok, "merges", ())) != 50000:
-        return False
-    ref = _gpt2_reference()
-    return (tok.merges == ref.merges and tok.vocab == ref.vocab
-            and tok.special_tokens == ref.special_tokens)
-
-
-def tokenizer_name(tok) -> str:
-    """"char" for a CharTokenizer, else "bpe" (GPT-2's vocabulary or a trained one)."""
-    return "char" if isinstance(tok, CharTokenizer) else "bpe"
-
-
-def make_tokenizer(kind: str, text: str, vocab_size: int | None = None):
-    """A new tokenizer for ``text``: "char", "gpt2" (GPT-2's vocabulary) or "bpe" (trained)."""
-    if kind == "char":
-        tok = CharTokenizer.from_text(text)
-        if tok.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
-            raise ValueError(f"the text has {tok.vocab_size} distinct characters, more than "
-                             "uint16 token files hold; use --tokenizer gpt2")
-        return tok
-    from ..tokenizer.bpe_tokenizer import Tokenizer  # BPE: imported only when asked for
-    if kind == "gpt2":
-        return Tokenizer.gpt2()
-    if kind == "bpe":
-        if vocab_size is None or not 257 <= vocab_size <= 65536:
-            raise ValueError(f"--vocab-size for a trained BPE tokenizer must be in [257, 65536], "
-                             f"got {vocab_size}")
-        return Tokenizer.train(text, vocab_size=vocab_size, special_tokens=("<|endoftext|>",))
-    raise ValueError(f"unknown tokenizer {kind!r}; choose one of {', '.join(TOKENIZERS)}")
-
-
-def vocab_size_of(tok) -> int:
-    size = getattr(tok, "vocab_size", None)
-    return int(size() if callable(size) else size) if size is not None else len(tok)
-
-
-def encode_to_array(tok, text: str) -> np.ndarray:
-    if isinstance(tok, CharTokenizer):
-        return tok.encode_array(text)
-    return np.asarray(tok.encode(text, allowed_special="all"), dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------------------------
 # token files
 
 
-def write_tokens(path, ids) -> None:
-    """ids -> raw little-endian uint16 file (nanoGPT's .bin)."""
-    ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max):
-        raise ValueError("token ids must lie in [0, 65535] to fit a uint16 token file")
-    write_atomic(Path(path), ids.astype(TOKEN_DTYPE).tobytes())
-
-
-def read_tokens(path) -> np.ndarray:
-    """A token file as a read-only memory map of uint16 ids (N,)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token file {path} not found")
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-
-
 def cache_tokens(text: str, name: str, kind: str = "char", directory=None, vocab_size=None,
-            tokenizer=None) -> Path:
-    """Tokenize ``text`` into ``<cache>/tokens/<name>-<kind>/{train,val}.bin`` + meta.json +
-    the tokenizer's files, unless that folder already holds the same text and tokenizer.
+                 tokenizer=None) -> Path:
+    """Tokenize ``text`` into ``<cache>/tokens/<name>-<kind>-<key>/{train,val}.bin`` + meta.json
+    + the tokenizer's files, unless that folder already holds the same text and tokenizer.
 
-    ``tokenizer``: use this one (fine-tuning a model keeps its vocabulary) instead of a new one.
-    Returns the folder.
+    ``tokenizer``: use this one (fine-tuning a model keeps its vocabulary) instead of a new one;
+    its ``digest`` is part of the key. Returns the folder.
     """
-    spec = {"tokenizer": kind if tokenizer is None else tokenizer_name(tokenizer),
+    spec = {"tokenizer": kind if tokenizer is None else tokenizer.kind,
             "vocab_size_asked": vocab_size}
     if tokenizer is not None:  # a given vocabulary: its content is part of the key
-        spec["vocab_sha256"] = _tokenizer_digest(tokenizer)
+        spec["vocab_sha256"] = tokenizer.digest()
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     folder = cache_dir(directory) / "tokens" / f"{name}-{spec['tokenizer']}-{key}"
@@ -380,34 +220,23 @@ def cache_tokens(text: str, name: str, kind: str = "char", directory=None, vocab
         except json.JSONDecodeError:
             pass  # a damaged meta.json: rebuild
 
-    tok = tokenizer if tokenizer is not None else make_tokenizer(kind, text, vocab_size)
-    V = vocab_size_of(tok)
-    if kind == "char" or isinstance(tok, CharTokenizer):
+    tok = tokenizer if tokenizer is not None else new_tokenizer(kind, text, vocab_size)
+    if tok.kind == "char":
         # split the text, then encode: a character is one token, so this is the 90/10 split
         cut = int(len(text) * TRAIN_FRACTION)
-        train_ids, val_ids = encode_to_array(tok, text[:cut]), encode_to_array(tok, text[cut:])
+        train_ids, val_ids = encode_text(tok, text[:cut]), encode_text(tok, text[cut:])
     else:
-        ids = encode_to_array(tok, text)
+        ids = encode_text(tok, text)
         cut = int(len(ids) * TRAIN_FRACTION)
         train_ids, val_ids = ids[:cut], ids[cut:]
     folder.mkdir(parents=True, exist_ok=True)
     write_tokens(folder / "train.bin", train_ids)
     write_tokens(folder / "val.bin", val_ids)
     tok.save(folder)
-    meta = {"vocab_size": V, "tokenizer": spec["tokenizer"], "dtype": "uint16",
-            "source": name, "text_sha256": text_sha, "train_tokens": int(train_ids.size),
-            "val_tokens": int(val_ids.size)}
-    write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())  # last: marks done
+    meta = token_meta(spec["tokenizer"], tok.vocab_size, source=name, text_sha256=text_sha,
+                      train_tokens=int(train_ids.size), val_tokens=int(val_ids.size))
+    write_meta(meta_path, meta)                   # last: marks the folder done
     return folder
-
-
-def _tokenizer_digest(tok) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save(tmp)
-        h = hashlib.sha256()
-        for f in sorted(Path(tmp).iterdir()):
-            h.update(f.name.encode() + f.read_bytes())
-        return h.hexdigest()
 
 
 def load_prepared(folder) -> tuple[dict, np.ndarray, np.ndarray]:

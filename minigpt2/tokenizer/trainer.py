@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 import regex
 
 from .pretokenize import _fix_surrogates, gpt2_byte_order, split_chunks
-from ..data.token_files import progress_bar
+from ..io.progress import progress_bar
 
 
 def count_chunks(text, special_tokens=()) -> Counter:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import corpus as data
+from .. import data
 from ..backend import to_numpy
 from ..io.files import fsync_dir, sha256_file, write_atomic
 from ..model import GPT
@@ -413,10 +413,10 @@ def load_model_folder(directory, device="cpu", dtype="float32"):
     to the model), which the Hugging Face format alone (hf.py) does not know.
     """
     folder, _ = resolve_model_dir(directory)
-    tokenizer = data.load_tokenizer(folder)
+    tokenizer = data.load_tokenizer(folder, if_missing="gpt2")
     model = GPT.from_pretrained(folder, device=device, dtype=dtype).eval()
-    if data.vocab_size_of(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {folder} has {data.vocab_size_of(tokenizer)} tokens "
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens "
                          f"but the model only {model.config.vocab_size}: they do not belong "
                          "together")
     return model, tokenizer, folder

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, distributed
-from ..data import corpus as data, shards
+from .. import data
+from ..data import shards
 from ..backend import resolve_device, resolve_dtype
 from ..config import PRESETS, GPTConfig
 from .distributed import DataParallel, on_every_process
@@ -285,7 +286,7 @@ def _prepare_data(cfg: TrainConfig, tokenizer, log=print):
                           tokenizer=tokenizer)
     meta, train_ids, val_ids = data.load_prepared(folder)
     if tokenizer is None:
-        tokenizer = data.load_tokenizer(folder, default_gpt2=False)
+        tokenizer = data.load_tokenizer(folder)
     data.check_length(train_ids, val_ids, cfg.block_size)
     meta = dict(meta, token_folder=str(Path(folder).resolve()))
     return tokenizer, train_ids, val_ids, meta
@@ -523,9 +524,10 @@ def setup(cfg: TrainConfig, resume: str | None = None, overwrite: bool = False,
         resume = str(checkpoint.checkpoint_folder(resume))
     state = checkpoint.load_state(resume) if resume is not None else None
     if resume is not None:
-        tokenizer = data.load_tokenizer(resume, default_gpt2=False)
+        tokenizer = data.load_tokenizer(resume, if_missing="none")
     else:
-        tokenizer = data.load_tokenizer(cfg.init_from) if cfg.init_from else None
+        tokenizer = (data.load_tokenizer(cfg.init_from, if_missing="gpt2") if cfg.init_from
+                     else None)
     quiet = log if dp.is_root else (lambda *args: None)
     tokenizer, train_ids, val_ids, meta = dp.root_first(_prepare_data, cfg, tokenizer, quiet)
     meta = dp.on_root(_tokens_digest, meta, train_ids, val_ids)
