@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import BLOCK_PARAMS, PRESETS, GPTConfig, param_shapes
-from .distributed import BUCKET_BYTES
+from .data_parallel import BUCKET_BYTES
 from ..io.hf import read_config
 
 GiB = 1024 ** 3
