@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from minigpt2.training import distributed
+from minigpt2.training.data_parallel import DataParallel
 from minigpt2.backend import to_numpy
 from minigpt2.optim import AdamW
 
@@ -35,7 +36,7 @@ def rel(a, b):
 
 for zero in (0, 1):
     for bucket_bytes in (8, 200, 1 << 20):  # a tensor per bucket; a few per bucket; one bucket
-        dp = distributed.DataParallel(comm, device, zero, bucket_bytes=bucket_bytes)
+        dp = DataParallel(comm, device, zero, bucket_bytes=bucket_bytes)
         xp = np if device == "cpu" else __import__("cupy")
         expected = {k: sum(grads_of(r, np)[k] for r in range(n)) / n for k in SHAPES}
         params = {k: xp.asarray(np.random.default_rng(7).standard_normal(s))
@@ -70,13 +71,13 @@ for zero in (0, 1):
         assert opt.t == ref_opt.t == 1
 
 # the weight check: equal weights pass; one process's change is caught on every process
-dp = distributed.DataParallel(comm, device)
+procs = distributed.Processes(comm)
 weights = {k: np.random.default_rng(7).standard_normal(s) for k, s in SHAPES.items()}
-dp.check_same_weights(weights)
+procs.check_same_weights(weights)
 if rank == n - 1:
     weights["b.bias"][0] += 1e-12
 try:
-    dp.check_same_weights(weights)
+    procs.check_same_weights(weights)
 except RuntimeError as e:
     assert f"process {n - 1} differ" in str(e) and e.on_every_process, e
 else:

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 
 from minigpt2.training import checkpoint
 from minigpt2.training import distributed
+from minigpt2.training.data_parallel import DataParallel
 from minigpt2.commands import main
 from minigpt2.commands.train import config_from_args
 
@@ -147,6 +148,11 @@ def test_a_run_resumes_from_two_processes_on_one_and_from_one_on_two(runs):
         result = mpi_train(n, ["--resume", str(out), "--max-iters", "10", "--no-progress"])
         assert result.returncode == 0, result.stderr[-3000:]
         assert "resuming at step 5" in result.stdout
+        saved = "2 processes with --batch-size 2" if n == 1 else "1 process with --batch-size 4"
+        now = "1 process" if n == 1 else "2 processes"
+        said = [line for line in result.stdout.splitlines() if "global batch" in line]
+        assert said == [f"the checkpoint was saved by {saved} each; resumed on {now}, it keeps "
+                        f"its global batch of 4 sequences: --batch-size {4 // n} per process"]
         state = checkpoint.load_state(out)
         assert state["processes"] == n and state["global_batch_size"] == 4
         assert state["config"]["batch_size"] == 4 // n        # derived from the global batch
@@ -317,11 +323,13 @@ def test_one_process_has_the_trivial_communicator_and_the_same_step(tmp_path, ca
     """Without a launcher there is no MPI: the communicator returns its input unchanged."""
     comm = distributed.world()
     assert comm.size == 1 and comm.rank == 0 and type(comm) is distributed.Communicator
-    dp = distributed.DataParallel(comm, zero=1)
+    dp = DataParallel(comm, zero=1)
     g = {"w": np.arange(6.0).reshape(2, 3)}
     assert dp.average_gradients(g) is g and dp.mean(2.5) == 2.5 and dp.rows(4) is None
     assert type(dp.optimizer({"w": np.zeros((2, 3))})).__name__ == "AdamW"
-    assert dp.any(True) and not dp.any(False)
+    procs = distributed.Processes(comm)
+    assert procs.any(True) and not procs.any(False) and procs.is_root
+    assert procs.on_root(lambda x: x + 1, 1) == 2 and procs.gather("a") == ["a"]
 
 
 def test_differing_weights_are_refused_on_every_process():
@@ -331,9 +339,9 @@ def test_differing_weights_are_refused_on_every_process():
 
         def allgather_values(self, value):
             return [value, "another hash"]
-    dp = distributed.DataParallel(TwoProcesses())
+    procs = distributed.Processes(TwoProcesses())
     with pytest.raises(RuntimeError, match="weights of process 1 differ") as e:
-        dp.check_same_weights({"w": np.zeros(3)})
+        procs.check_same_weights({"w": np.zeros(3)})
     assert e.value.on_every_process
 
 

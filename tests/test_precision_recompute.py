@@ -8,7 +8,8 @@ from minigpt2 import GPT, AdamW, GPTConfig
 from minigpt2.gradcheck import rel_error
 from minigpt2.training.sizing import activation_floats, estimate_memory
 from minigpt2.optim import LossScaler
-from minigpt2.training.loop import TrainConfig, train_step
+from minigpt2.training.settings import TrainConfig
+from minigpt2.training.step import train_step
 
 CFG = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=23)
 

@@ -3,6 +3,8 @@
 before it whole and resumable."""
 
 import errno
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,9 +17,9 @@ from test_distributed import MPIEXEC, needs_mpi
 from test_train import TINY, corpus, run_cli
 
 
-def fail_on_second(write, error, out, monkeypatch):
-    """Make the second write of the file ``write`` into the run folder ``out`` (not best/)
-    raise ``error`` (both model and optimizer go through safetensors' save_file)."""
+def fail_on_second(write, error, out, monkeypatch, nth=2):
+    """Make the second (``nth``) write of the file ``write`` into the run folder ``out`` (not
+    best/) raise ``error`` (both model and optimizer go through safetensors' save_file)."""
     import safetensors.numpy
     real = safetensors.numpy.save_file
     seen = []
@@ -26,7 +28,7 @@ def fail_on_second(write, error, out, monkeypatch):
         path = Path(filename)
         if path.parent.parent == out and write in path.name:
             seen.append(path)
-            if len(seen) == 2:
+            if len(seen) == nth:
                 raise error
         return real(tensors, filename, metadata=metadata)
     monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
@@ -84,6 +86,51 @@ def test_out_of_memory_while_training_is_one_line(tmp_path, capsys, monkeypatch)
     assert err.strip().splitlines() == [
         "minigpt2 train: error: out of memory (MemoryError); use a smaller model, batch or "
         "--block-size, or free memory"]
+    # the same command again (memory freed) starts over what the first step left: the log
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    status, printed, err = run_cli(["train", "--data", str(data), "--cache-dir",
+                                    str(tmp_path / "cache"), *TINY, "--max-iters", "4",
+                                    "--out", str(out)], capsys)
+    assert status == 0, err
+    assert "holds no checkpoint, only metrics.jsonl of a run that stopped before its first " \
+           "save: this run starts over" in printed
+    assert checkpoint.load_state(out)["step"] == 4
+
+
+def test_a_first_save_that_fails_advises_a_rerun_that_starts_over(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Disk full at the first checkpoint: there is nothing to --resume, so the advice is to run
+    the same command again, and that rerun starts over the log and best/ the first one left."""
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), *TINY,
+            "--max-iters", "4", "--eval-interval", "2", "--log-interval", "1", "--out", str(out)]
+    fail_on_second("optimizer.safetensors", OSError(errno.ENOSPC, "No space left on device"),
+                   out, monkeypatch, nth=1)
+    status, _, err = run_cli(args, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1, err
+    assert lines[0].endswith(
+        f"failed on optimizer.safetensors: No space left on device (ENOSPC); {out} holds no "
+        "complete checkpoint: free space on its disk, then run the same command again (there "
+        "is no checkpoint to resume: the rerun starts over and replaces what this one left)")
+    assert sorted(p.name for p in out.iterdir()) == ["best", "metrics.jsonl"]
+    monkeypatch.undo()
+    status, printed, err = run_cli(args, capsys)
+    assert status == 0, err
+    assert "only best and metrics.jsonl of a run that stopped before its first save" in printed
+    assert checkpoint.load_state(out)["step"] == 4
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps == [0, 1, 2, 3, 4]                        # one log, this run's
+    # the control: a log that goes past this command's first save (step 2) is no failed first
+    # attempt of it (a run whose checkpoint was deleted): refused, as any folder with a log
+    for path in out.iterdir():
+        if path.name != "metrics.jsonl":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    status, _, err = run_cli(args, capsys)
+    assert status == 2 and f"--out {out} already holds metrics.jsonl" in err
 
 
 @needs_mpi

@@ -10,9 +10,11 @@ from safetensors.numpy import load_file
 
 from minigpt2 import GPT, GPTConfig, AdamW
 from minigpt2.training import checkpoint
-from minigpt2.training import loop as train_mod
+from minigpt2.training import run_folder
 from minigpt2.commands import main
-from minigpt2.training.loop import TrainConfig, lr_at, train, train_step
+from minigpt2.training.loop import train
+from minigpt2.training.settings import TrainConfig
+from minigpt2.training.step import lr_at, train_step
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
         "--batch-size", "4", "--eval-iters", "2", "--no-progress", "--sample-tokens", "0"]
@@ -275,13 +277,14 @@ def test_short_default_pipeline_beats_its_loss_bound(tmp_path, capsys):
 def test_train_function_is_reusable_in_process(tmp_path):
     cfg = TrainConfig(data=str(corpus(tmp_path)), cache_dir=str(tmp_path / "c"), n_layer=1,
                       n_head=2, n_embd=16, block_size=8, batch_size=2, max_iters=4,
-                      eval_interval=2, eval_iters=1, out=str(tmp_path / "run"), sample_tokens=0)
+                      eval_interval=2, eval_iters=1, out=str(tmp_path / "run"), sample_tokens=0,
+                      progress=False)
     lines = []
-    result = train(cfg, progress=False, log=lines.append)
+    result = train(cfg, log=lines.append)
     assert result["status"] == 0 and result["step"] == 4
     assert result["val_loss"] == metrics(tmp_path / "run")[-1]["val_loss"]
     assert lines[0].startswith("training GPT(")
-    assert train_mod.METRICS == "metrics.jsonl"
+    assert run_folder.METRICS == "metrics.jsonl"
 
 
 def test_bpe_tokenizers_train_and_sample(tmp_path, capsys):

@@ -14,7 +14,9 @@ import pytest
 from minigpt2 import GPT, GPTConfig, data
 from minigpt2.training import checkpoint
 from minigpt2.commands import main
-from minigpt2.training.loop import Stopped, TrainConfig, _StopFlag, lr_at
+from minigpt2.training.run_folder import StopFlag, Stopped
+from minigpt2.training.settings import TrainConfig
+from minigpt2.training.step import lr_at
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
         "--batch-size", "4", "--eval-iters", "1", "--no-progress", "--sample-tokens", "0"]
@@ -352,7 +354,7 @@ def test_saved_settings_of_the_wrong_type_are_refused_naming_the_state_file(run,
 
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_second_signal_stops_at_once_with_the_signals_status(signum, status):
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         os.kill(os.getpid(), signum)
         assert stop.set and stop.signum == signum            # the first: a flag, no exception
         with pytest.raises(Stopped) as stopped:
@@ -370,3 +372,68 @@ def test_sigterm_outside_the_loop_stops_the_command_as_ctrl_c_does():
             os.kill(os.getpid(), signal.SIGTERM)
     assert stopped.value.status == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # restored
+
+
+# ----------------------------------------------------------------------------------------------
+# what a resumed run keeps, and says (issue 24)
+
+
+def test_a_tokenizer_written_over_the_run_is_named_on_resume(tmp_path, capsys):
+    """'tokenizer train --out RUN' replaced the run's vocab.json and merges.txt: --resume names
+    the tokenizer (not "the files of two different steps are mixed") and how to put it back."""
+    (tmp_path / "corpus.txt").write_text(text())
+    out = tmp_path / "run"
+    assert run_cli(["train", "--data", str(tmp_path / "corpus.txt"), "--cache-dir",
+                    str(tmp_path / "cache"), *TINY, "--tokenizer", "bpe", "--vocab-size", "280",
+                    "--max-iters", "2", "--eval-interval", "2", "--out", str(out)],
+                   capsys)[0] == 0
+    from minigpt2 import Tokenizer
+    Tokenizer.train(text(seed=3), vocab_size=270).save(out)   # what 'tokenizer train' writes
+    before = files_of(out)
+    status, _, err = run_cli(["train", "--resume", str(out), "--max-iters", "3"], capsys)
+    line = one_line(err)
+    assert status == 2 and "mixed" not in line
+    assert f"the tokenizer in {out} (vocab.json and merges.txt) is not the one the run was " \
+           "trained with" in line
+    assert f"copy vocab.json and merges.txt back from {out / 'best'}" in line
+    assert files_of(out) == before
+    for name in ("vocab.json", "merges.txt"):                  # the advice works
+        shutil.copy(out / "best" / name, out / name)
+    assert run_cli(["train", "--resume", str(out), "--max-iters", "3"], capsys)[0] == 0
+    # a model file that differs is still a mixture of two steps
+    raw = bytearray((out / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (out / "model.safetensors").write_bytes(bytes(raw))
+    status, _, err = run_cli(["train", "--resume", str(out), "--max-iters", "4"], capsys)
+    assert status == 2 and "two different steps are mixed" in one_line(err)
+
+
+def test_no_progress_is_kept_on_resume(run, capsys):
+    folder, _ = run                      # trained with --no-progress
+    status, _, err = run_cli(["train", "--resume", str(folder), "--max-iters", "5"], capsys)
+    assert status == 0 and err == ""     # no bar on stderr
+    assert checkpoint.load_state(folder)["config"]["progress"] is False
+    status, _, err = run_cli(["train", "--resume", str(folder), "--max-iters", "6",
+                              "--progress"], capsys)
+    assert status == 0 and "6/6" in err  # the control: the bar, asked for again
+
+
+def test_a_checkpoint_of_two_processes_resumed_on_one_says_how_its_global_batch_is_kept(
+        run, capsys):
+    """(Saved as 2 processes x batch 2, the state a 2-process run writes; a real one under
+    mpiexec: test_distributed.)"""
+    folder, _ = run
+    path = folder / checkpoint.STATE
+    state = json.loads(path.read_text())
+    state.update(processes=2, global_batch_size=4, config={**state["config"], "batch_size": 2})
+    path.write_text(json.dumps(state))
+    status, out, err = run_cli(["train", "--resume", str(folder), "--max-iters", "5"], capsys)
+    assert status == 0, err
+    said = [line for line in out.splitlines() if "global batch" in line]
+    assert said == ["the checkpoint was saved by 2 processes with --batch-size 2 each; resumed "
+                    "on 1 process, it keeps its global batch of 4 sequences: --batch-size 4 "
+                    "per process"]
+    assert checkpoint.load_state(folder)["config"]["batch_size"] == 4
+    # resumed on as many processes as saved: nothing to say
+    status, out, _ = run_cli(["train", "--resume", str(folder), "--max-iters", "6"], capsys)
+    assert status == 0 and "global batch" not in out

@@ -2,6 +2,7 @@
 stream per split, digests checked, tokens seen and epochs logged, a resume on other data refused,
 and ``--hellaswag`` evaluated at each interval (GPT-2's tokenizer only)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from minigpt2 import data
 from minigpt2.data import shards
 from minigpt2.commands import main
 from minigpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
-from minigpt2.training.loop import TrainConfig, setup, train
+from minigpt2.training.loop import setup, train
+from minigpt2.training.settings import TrainConfig
 from helpers import prepare_corpus
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hellaswag_mini.jsonl"
@@ -65,7 +67,7 @@ def test_train_on_prepared_folder_logs_tokens_and_epochs(tmp_path, small_tok):
     lines = []
     cfg = TrainConfig(data=str(folder), max_iters=4, eval_interval=2, log_interval=1,
                       out=str(tmp_path / "run"), **TINY)
-    result = train(cfg, progress=False, log=lines.append)
+    result = train(dataclasses.replace(cfg, progress=False), log=lines.append)
     assert result["status"] == 0
     assert any("checking" in line and "shard" in line for line in lines)
     done = next(line for line in lines if line.startswith("done"))
@@ -135,7 +137,7 @@ def test_hellaswag_logged_at_each_evaluation(tmp_path):
                       **dict(TINY, n_embd=8, n_head=1, block_size=64))
     with pytest.raises(ValueError, match="example 1: an ending takes"):
         setup(TrainConfig(**dict(vars(cfg), block_size=8)), log=lambda *_: None)
-    train(cfg, progress=False, log=lambda *_: None)
+    train(dataclasses.replace(cfg, progress=False), log=lambda *_: None)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]

@@ -57,9 +57,11 @@ def worker(args) -> int:
     """One process of the measurement (under mpiexec, or alone): rank 0 prints a JSON line."""
     from ..training import distributed
     from ..model import GPT
-    from ..training.loop import TrainConfig, train_step
+    from ..training.data_parallel import DataParallel
+    from ..training.settings import TrainConfig
+    from ..training.step import train_step
     comm = distributed.world()
-    dp = distributed.DataParallel(comm, args.device, args.zero)
+    dp = DataParallel(comm, args.device, args.zero)
     cfg = config_from_args(args)
     B = args.batch_size
     model = GPT(cfg, seed=0, device=args.device)
@@ -83,18 +85,18 @@ def worker(args) -> int:
     dp.average_gradients = timed_average
     for i in range(args.warmup):
         train_step(model, opt, lambda: (x, y), tcfg, i, dp=dp)
-    dp.any(False)                                   # start together
+    comm.any(False)                                 # start together
     in_average[0] = 0.0
     start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(args.steps):
         train_step(model, opt, lambda: (x, y), tcfg, i, dp=dp)
     _sync(args.device)
-    dp.any(False)                                   # the slowest one ends the measurement
+    comm.any(False)                                 # the slowest one ends the measurement
     seconds = time.perf_counter() - start
     cpu = sum(comm.allgather_values(time.process_time() - cpu_start))   # all processes
     shares = comm.allgather_values(in_average[0] / seconds)
     tokens = args.steps * B * dp.size * cfg.block_size
-    if dp.is_root:
+    if comm.rank == 0:
         print(json.dumps({"processes": dp.size, "tokens_per_s": tokens / seconds,
                           "step_s": seconds / args.steps, "cpu_s_per_token": cpu / tokens,
                           "average_share": max(shares), "transport": dp.comm.name}))

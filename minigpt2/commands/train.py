@@ -1,11 +1,13 @@
 """``python -m minigpt2 train``: the command's flags, a settings file, and ``--resume``.
 
 The flags are TrainConfig's fields (dashes for underscores); a JSON or TOML file given with
-``--config`` holds the same settings, and flags override it. The loop itself is ``train.train``.
+``--config`` holds the same settings, and flags override it. ``--resume``, ``--overwrite`` and
+``--allow-data-change`` make the ``Session``. The loop itself is ``training.loop.train``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import signal
@@ -13,13 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..training import checkpoint, distributed
-from ..training.distributed import DataParallel
-from ..training.loop import Stopped, TrainConfig, setting_problem, train
+from ..training.distributed import Processes
+from ..training.loop import train
+from ..training.run_folder import Stopped
+from ..training.settings import Session, TrainConfig, setting_problem
 
 # settings a resumed run may change; the rest must stay as saved, or the run would not continue
 RESUME_OVERRIDES = ("max_iters", "eval_interval", "eval_iters", "log_interval", "device",
                     "sample_tokens", "cache_dir", "out", "precision", "recompute", "zero",
-                    "hellaswag", "hellaswag_examples")
+                    "hellaswag", "hellaswag_examples", "progress")
 # ... and those it may change with --allow-data-change (the data it reads: its digest is then
 # allowed to differ from the one the checkpoint recorded)
 DATA_OVERRIDES = ("data", "dataset")
@@ -150,13 +154,18 @@ def add_arguments(p):
                         "one the checkpoint recorded (and allow a new --data or --dataset)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out folder that already holds a run")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar on stderr (default: on; --resume keeps the saved run's "
+                        "choice)")
 
 
-def config_from_args(args, processes: int = 1) -> tuple[TrainConfig, str | None]:
-    """Defaults < --config file < flags; with --resume: the saved settings < the flags that a
-    resumed run may change (any other flag is refused). A run resumed on another number of
-    ``processes`` keeps its global batch: the per-process batch is derived from it."""
+def config_from_args(args, processes: int = 1, log=print) -> tuple[TrainConfig, Session]:
+    """(the run's settings, this session's flags). Settings: defaults < --config file < flags;
+    with --resume: the saved settings < the flags that a resumed run may change (any other flag
+    is refused). A run resumed on another number of ``processes`` keeps its global batch: the
+    per-process batch is derived from it, and ``log`` says so."""
+    session = Session(resume=args.resume, overwrite=args.overwrite,
+                      allow_data_change=args.allow_data_change)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if args.resume is not None:
@@ -167,7 +176,7 @@ def config_from_args(args, processes: int = 1) -> tuple[TrainConfig, str | None]
             raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)} (saved by another "
                              "version of minigpt2?); resume it with that version")
         _check_settings(state["config"], where)
-        saved = {**state["config"], "batch_size": _batch_per_process(state, processes)}
+        saved = {**state["config"], "batch_size": _batch_per_process(state, processes, log)}
         allowed = RESUME_OVERRIDES + (DATA_OVERRIDES if args.allow_data_change else ())
         bad = [k for k, v in given.items() if k not in allowed and v != saved.get(k)]
         if bad:
@@ -179,12 +188,12 @@ def config_from_args(args, processes: int = 1) -> tuple[TrainConfig, str | None]
         if any(k in given for k in DATA_OVERRIDES):   # the new source replaces the saved one
             saved = {k: v for k, v in saved.items() if k not in DATA_OVERRIDES}
         given.setdefault("out", args.resume)
-        return TrainConfig(**{**saved, **given}), args.resume
+        return TrainConfig(**{**saved, **given}), session
     settings = _load_config_file(args.config) if args.config else {}
-    return TrainConfig(**{**settings, **given}), None
+    return TrainConfig(**{**settings, **given}), session
 
 
-def _batch_per_process(state: dict, processes: int) -> int:
+def _batch_per_process(state: dict, processes: int, log=print) -> int:
     """The per-process batch that continues a checkpoint's global batch on ``processes``."""
     saved_n = state.get("processes", 1)
     total = state.get("global_batch_size", state["config"]["batch_size"] * saved_n)
@@ -192,7 +201,15 @@ def _batch_per_process(state: dict, processes: int) -> int:
         raise ValueError(f"the checkpoint's global batch of {total} sequences ({saved_n} "
                          f"process(es) x {total // saved_n}) does not split over {processes} "
                          f"processes: resume on a number of processes that divides {total}")
+    if processes != saved_n:
+        log(f"the checkpoint was saved by {_processes(saved_n)} with --batch-size "
+            f"{total // saved_n} each; resumed on {_processes(processes)}, it keeps its global "
+            f"batch of {total} sequences: --batch-size {total // processes} per process")
     return total // processes
+
+
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
 
 
 @contextmanager
@@ -216,12 +233,9 @@ def run(args) -> int:
     # under mpiexec an error all processes share is said once; SIGTERM stops as Ctrl-C does
     with distributed.one_report(), _sigterm_as_interrupt():
         comm = distributed.world()
-        dp = DataParallel(comm)
-        cfg, resume = dp.on_root(config_from_args, args, comm.size)
+        cfg, session = Processes(comm).on_root(config_from_args, args, comm.size)
         # This process is ours alone, so it may tune its allocator: the step's temporaries are
         # then reused instead of page-faulted in again every step (docs/performance.md).
         keep_freed_memory_for_reuse()
-        result = train(cfg, resume=resume, overwrite=args.overwrite,
-                       progress=not args.no_progress, comm=comm,
-                       allow_data_change=args.allow_data_change)
+        result = train(cfg, session, comm=comm)
     return result["status"]

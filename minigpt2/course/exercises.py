@@ -603,7 +603,8 @@ def check_adamw(adamw_step) -> None:
 def check_lr_schedule(lr_at) -> None:
     """Grade ``lr_at(step, lr, min_lr, warmup_iters, decay_iters) -> float`` against
     ``train.lr_at`` (linear warm-up, cosine decay to min_lr, then min_lr)."""
-    from ..training.loop import TrainConfig, lr_at as reference
+    from ..training.settings import TrainConfig
+    from ..training.step import lr_at as reference
     gr = _Grader("lr_at")
     for lr, min_lr, warmup, decay in ((1e-3, 1e-4, 10, 100), (6e-4, 6e-5, 0, 50),
                                       (1.0, 0.0, 5, 20)):

@@ -160,11 +160,16 @@ def _write_errors():
     return tuple(errors)
 
 
-def _folder_holds(directory: Path) -> str:
+def _folder_holds(directory: Path) -> tuple[str, str]:
+    """(what ``directory`` still holds after a failed save, how to go on from there)."""
     try:
-        return f"{directory} still holds the checkpoint of step {load_state(directory)['step']}"
+        step = load_state(directory)["step"]
     except (OSError, ValueError):
-        return f"{directory} holds no complete checkpoint"
+        return (f"{directory} holds no complete checkpoint",
+                "run the same command again (there is no checkpoint to resume: the rerun "
+                "starts over and replaces what this one left)")
+    return (f"{directory} still holds the checkpoint of step {step}",
+            f"continue with --resume {directory}")
 
 
 def _checkpoint_files(directory: Path) -> list[str]:
@@ -253,10 +258,10 @@ def save_checkpoint(directory, model, opt, tokenizer, state: dict) -> None:
             writing = f"{PREVIOUS} (removing it)"
             _remove_folder(directory / PREVIOUS)
     except _write_errors() as e:
-        cause, advice = _cause(e)
+        (cause, advice), (holds, then) = _cause(e), _folder_holds(directory)
         raise SaveError(f"saving step {step} to {directory} failed on "
-                        f"{_failed_file(e, writing)}: {cause}; {_folder_holds(directory)}: "
-                        f"{advice}, then continue with --resume {directory}") from None
+                        f"{_failed_file(e, writing)}: {cause}; {holds}: {advice}, "
+                        f"then {then}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -275,11 +280,10 @@ def save_best(directory, model, tokenizer) -> None:
             os.replace(f, best / f.name)
         fsync_dir(best)
     except _write_errors() as e:
-        cause, advice = _cause(e)
+        (cause, advice), (holds, then) = _cause(e), _folder_holds(Path(directory))
         raise SaveError(f"saving the best model to {best} failed on "
                         f"{_failed_file(e, 'model.safetensors')}: {cause}; its previous "
-                        f"files are whole, and {_folder_holds(Path(directory))}: {advice}, then "
-                        f"continue with --resume {directory}") from None
+                        f"files are whole, and {holds}: {advice}, then {then}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -354,17 +358,39 @@ def _problem(directory: Path) -> Exception | None:
         _check_state(state, path)
     except ValueError as problem:
         return problem
+    differ = []
     for name, digest in state.get("sha256", {}).items():
         f = directory / name
         if not f.is_file():
             return FileNotFoundError(f"{f} is missing: the checkpoint in {directory} is "
                                      "incomplete")
         if sha256_file(f) != digest:
-            return ValueError(f"{f} does not belong to {STATE} (step {state.get('step')}): "
-                              "the files of two different steps are mixed, and no complete "
-                              f"earlier step is kept beside them; the model in "
-                              f"{directory / BEST} is still whole")
+            differ.append(name)
+    if differ and set(differ) <= set(TOKENIZER_FILES):
+        names = [n for n in TOKENIZER_FILES if n in differ]       # (vocab.json, merges.txt)
+        return ValueError(_tokenizer_replaced(directory, state, names))
+    if differ:
+        return ValueError(f"{directory / differ[0]} does not belong to {STATE} (step "
+                          f"{state.get('step')}): the files of two different steps are mixed, "
+                          "and no complete earlier step is kept beside them; the model in "
+                          f"{directory / BEST} is still whole")
     return None
+
+
+def _tokenizer_replaced(directory: Path, state: dict, names: list[str]) -> str:
+    """What to say when the checkpoint's tokenizer files alone differ from their digests. A
+    run's tokenizer is the same at every step, so no cut save mixes two of them: another
+    tokenizer was written over the run's (``tokenizer train --out`` into the run folder)."""
+    files = " and ".join(names)
+    best = directory / BEST
+    kept = all((best / n).is_file() and sha256_file(best / n) == state["sha256"][n]
+               for n in names)
+    fix = (f"copy {files} back from {best}, which holds the run's own, then resume" if kept
+           else f"put the run's own {files} back (their SHA-256 are in {directory / STATE}), "
+                "or start a new run")
+    return (f"the tokenizer in {directory} ({files}) is not the one the run was trained with "
+            f"(step {state.get('step')}): another tokenizer was written over it, as "
+            f"'tokenizer train --out {directory}' does; {fix}")
 
 
 def checkpoint_folder(directory) -> Path:

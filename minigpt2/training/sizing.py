@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..config import BLOCK_PARAMS, GPTConfig, param_shapes
-from .distributed import BUCKET_BYTES
+from .data_parallel import BUCKET_BYTES
 
 
 def parameter_breakdown(cfg: GPTConfig) -> dict:
