@@ -20,7 +20,7 @@ from ..io.hf import INDEX
 from ..tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer
 from ..tokenizer.load import load_tokenizer
 from ..training.checkpoint import BEST, MODEL_FILES, OPTIMIZER, STATE
-from ..training.loop import METRICS
+from ..training.run_folder import METRICS
 
 
 def add_arguments(p):
