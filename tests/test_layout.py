@@ -261,6 +261,52 @@ def test_doc_graph_check_sees_a_changed_graph(tmp_path):
                                                              ["<top>", "low", "high"])
 
 
+# ---- the docs point at each other instead of repeating: every pointer must lead somewhere ------
+
+REPO = ARCHITECTURE_DOC.parent.parent
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces -> -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_doc_links(pages: list) -> list:
+    """Relative links in ``pages`` (Markdown files) whose file is missing, or whose ``#anchor``
+    names no heading of the page it points at (headings inside code blocks do not count)."""
+    bad = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", link):                  # https:, mailto:
+                continue
+            path, _, anchor = link.partition("#")
+            target = page.parent / path if path else page
+            if not target.exists():
+                bad.append(f"{page.name}: {link} (no such file)")
+            elif anchor and target.suffix == ".md":
+                text = re.sub(r"```.*?```", "", target.read_text(encoding="utf-8"), flags=re.S)
+                if anchor not in {heading_anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}:
+                    bad.append(f"{page.name}: {link} (no such heading)")
+    return bad
+
+
+def test_doc_links_point_at_files_and_headings_that_exist():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    bad = broken_doc_links(pages)
+    assert not bad, "; ".join(bad)
+
+
+def test_doc_link_check_finds_a_missing_file_and_heading(tmp_path):
+    (tmp_path / "b.md").write_text("# Readable and fast paths\n\n```\n# Not a heading\n```\n")
+    page = tmp_path / "a.md"
+    page.write_text("[ok](b.md#readable-and-fast-paths) [web](https://example.org/x#y)\n")
+    assert broken_doc_links([page]) == []
+    page.write_text("[gone](c.md) [no](b.md#not-a-heading) [self](#nothing-here)\n")
+    assert broken_doc_links([page]) == ["a.md: c.md (no such file)",
+                                        "a.md: b.md#not-a-heading (no such heading)",
+                                        "a.md: #nothing-here (no such heading)"]
+
+
 if __name__ == "__main__":
     # python -m tests.test_layout: the graph between folders, as docs/architecture.md shows it,
     # then any import against the order
