@@ -4,16 +4,14 @@ checked with).
 
 Which saves go through ``write_atomic``: every file minigpt2 writes in one piece (a checkpoint's
 weights, optimizer state and state.json, the Hugging Face config and weights, tokenizer files,
-``prepare``'s state and manifest, ``eval``'s JSON results, the metrics log a run starts from)
-and the token files of a small corpus (streamed in through ``writer=``). Three writers keep the
-same temporary-name-then-rename rule by hand because their files are written piece by piece:
-the shards of ``prepare`` (data/shards.py: fsync, rename, fsync of the folder), the downloaded
-weights (io/download.py: each file checked against its SHA-256 first, then renamed in), and a
-checkpoint, whose files ``write_atomic`` writes into a staging folder and which are then renamed
-into the run folder one by one, the state last. An ``overlap`` Bloom filter is renamed over its
-target from a ``.tmp`` file but not fsynced. Written in place, not atomically: the metrics log
-while a run appends to it, the JSONL rows of ``eval`` / ``overlap --out``, ``tokenizer
-encode/decode --out`` and ``plot``'s PNG.
+``prepare``'s state and manifest, ``eval``'s JSON results, the metrics log a run starts from, each
+downloaded file, checked against its SHA-256 before it is kept). A checkpoint and a download are
+written this way into a staging folder, then renamed into place file by file (a checkpoint's
+state last). Token files and shards, written as the ids arrive, keep the same rule in data/'s
+writers: a temporary name, fsync, rename. An ``overlap`` Bloom filter is renamed over its target
+from a ``.tmp`` file but not fsynced. Written in place, not atomically: the metrics log while a run
+appends to it, the JSONL rows of ``eval`` / ``overlap --out``, ``tokenizer encode/decode --out``
+and ``plot``'s PNG.
 
 ``write_atomic(path, content)`` writes into a temporary file in the target's folder, flushes and
 fsyncs it, renames it over the target (a rename within one folder is atomic on POSIX and on
