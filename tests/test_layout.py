@@ -146,31 +146,29 @@ def folder_of(name: str, mods: dict) -> str:
 
 
 def folder_imports(root: Path) -> dict:
-    """(importing folder, imported folder) -> the module imports behind that edge, one string each
-    ("a imports b"), for every import that crosses from one folder to another."""
+    """(importing folder, imported folder) -> the (importer, imported) module pairs behind that
+    edge, for every import that crosses from one folder to another."""
     mods = module_files(root)
     edges = {}
     for name in sorted(mods):
         for dep in sorted(imported_modules(name, mods)):
             a, b = folder_of(name, mods), folder_of(dep, mods)
             if a != b:
-                edges.setdefault((a, b), []).append(f"{name} imports {dep}")
+                edges.setdefault((a, b), []).append((name, dep))
     return edges
 
 
 def layering_violations(root: Path, order: list, top_allowed: dict) -> list:
     """Imports that run from a folder to one later in ``order`` (or to a folder missing from it);
     a top-level module may import the folders ``top_allowed`` names for it."""
-    mods = module_files(root)
     rank = {folder: i for i, folder in enumerate(order)}
     bad = []
     for (a, b), imports in folder_imports(root).items():
-        for line in imports:
-            importer = line.split(" imports ")[0]
+        for importer, imported in imports:
             if a == "<top>" and b in top_allowed.get(importer, ()):
                 continue
             if b not in rank or a not in rank or rank[b] > rank[a]:
-                bad.append(f"{line} ({a} -> {b})")
+                bad.append(f"{importer} imports {imported} ({a} -> {b})")
     return bad
 
 
@@ -187,7 +185,7 @@ def draw_folder_graph(root: Path, order: list) -> str:
     for a in reversed(order):
         # the face's imports are the package's door, not a layer's dependencies: left out
         targets = [b for b in order if (a, b) in edges
-                   and not all(line.split(" imports ")[0] in face for line in edges[a, b])]
+                   and not all(importer in face for importer, _ in edges[a, b])]
         lines.append(f"{name[a]:<{width}} -> " + (", ".join(name[b] for b in targets) or "-"))
     assert {folder_of(m, mods) for m in mods} <= set(order), "a folder missing from the order"
     return "\n".join(lines) + "\n"
