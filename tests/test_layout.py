@@ -124,7 +124,7 @@ def test_benchmarks_live_in_the_bench_package():
 TOP_LEVEL = {"__init__", "__main__", "backend", "bpe", "config", "gradcheck", "layers", "model",
              "optim"}
 # A folder imports only the top level and folders listed before it; commands, bench and course sit
-# at the edge, and nothing imports them but the package face.
+# at the edge, above every layer they use.
 FOLDER_ORDER = ["<top>", "fast", "io", "tokenizer", "data", "training", "eval", "course",
                 "commands", "bench"]
 # The top level's own imports of folders, each a choice of the reference: the model picks its
