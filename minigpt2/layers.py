@@ -1,10 +1,8 @@
 """GPT-2's layers, each a forward and its hand-derived backward, written once for NumPy and CuPy.
 
 This is the readable reference: plain array code, computed in the inputs' dtype (float32 or
-float64). The forms the model runs by default compute the same things with fewer passes over
-memory: ``cpu_layers.py`` on the CPU, ``gpu_layers.py`` (fused CUDA kernels) on the GPU; each is
-tested equal to the function here of the same name, and ``GPT(..., layers="reference")`` runs
-these instead.
+float64). The model runs by default the fast sets of ``minigpt2/fast/``, the same functions
+tested equal to these; docs/architecture.md ("Readable and fast paths") tells the story once.
 
 Letters used in every shape below:
     B batch, T time (sequence length), C channels (n_embd), V vocabulary size,

@@ -38,9 +38,9 @@ from .io.inputs import forward_ids, generation_vocab, token_ids
 # whose precision was set last decides it for all.
 PRECISIONS = ("float32", "tf32", "float16")
 
-# Which functions compute the layers (all give the same outputs and gradients):
-#   "fast"       cpu_layers.py on the CPU, gpu_layers.py (fused CUDA kernels) on the GPU
-#   "reference"  layers.py, the readable forms, in float32 or float64 only
+# Which functions compute the layers, all with the same outputs and gradients ("fast":
+# fast/cpu_layers.py or fast/gpu_layers.py by device; "reference": layers.py, float32 or float64
+# only); the story is told once in docs/architecture.md, "Readable and fast paths".
 LAYER_SETS = ("fast", "reference")
 
 def init_params(cfg: GPTConfig, seed: int, dtype) -> dict:
@@ -191,7 +191,7 @@ class GPT:
     ``model.params`` maps GPT-2's parameter names to arrays (NumPy on "cpu", CuPy on "gpu").
     ``logits, loss = model.forward(idx, targets)`` then ``grads = model.backward()``.
     ``layers="reference"`` computes with the readable ``layers.py`` instead of the fast set
-    (``model.layers`` is the set in use; see LAYER_SETS).
+    (``model.layers`` is the set in use; see LAYER_SETS and docs/architecture.md).
     ``params=`` gives the weights instead of initialising them: a dict like ``model.params``,
     with every name and shape of ``config.param_shapes(cfg)``, of one floating-point dtype
     (cast to ``dtype``) and finite; anything else is refused with the tensor named.

@@ -1,17 +1,25 @@
 """The package's layout keeps its promises: modules import in one direction (no cycle, not even
-through imports written inside functions), and layers.py, the file the course teaches, is the plain
-reference: no kernels, no GPU module, no dtype special cases.
+through imports written inside functions); the top level holds only the readable reference and the
+package face, every other module a folder named for its job, and the folders import in one order;
+no module is over 500 lines (the graders excepted); layers.py, the file the course teaches, is the
+plain reference: no kernels, no GPU module, no dtype special cases.
 
 The import graph is read from the source with ``ast`` (every ``import`` anywhere in a module), so
-a cycle hidden by a function-level import is found too. The negative control feeds the same
-checker a two-module package with such a hidden cycle."""
+a cycle or an import against the order hidden in a function is found too. The negative controls
+feed the same checkers small packages with such hidden imports.
+
+``python -m tests.test_layout`` (from the repository root) prints the graph between folders; the
+copy in docs/architecture.md is checked equal to it."""
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import minigpt2
 
 PACKAGE = Path(minigpt2.__file__).parent
+ARCHITECTURE_DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 
 
 def module_files(root: Path) -> dict:
@@ -107,3 +115,199 @@ def test_reference_layers_are_plain_xp_code():
 def test_benchmarks_live_in_the_bench_package():
     top = [p.name for p in PACKAGE.glob("bench*.py")]
     assert not top, f"benchmarks beside the layers: {top}; they go in minigpt2/bench/"
+
+
+# ---- the folders draw the architecture ---------------------------------------------------------
+
+# The readable reference a learner starts from, and the package face; everything else lives in a
+# folder named for its job.
+TOP_LEVEL = {"__init__", "__main__", "backend", "bpe", "config", "gradcheck", "layers", "model",
+             "optim"}
+# A folder imports only the top level and folders listed before it; commands, bench and course sit
+# at the edge, above every layer they use.
+FOLDER_ORDER = ["<top>", "fast", "io", "tokenizer", "data", "training", "eval", "course",
+                "commands", "bench"]
+# The top level's own imports of folders, each a choice of the reference: the model picks its
+# layer set from fast/ and checks its inputs and saves through io/; bpe.py splits text with the
+# GPT-2 pattern and byte order that tokenizer/pretokenize.py holds once for both tokenizers. The
+# package face (__init__, __main__) re-exports and dispatches, so it may import any folder.
+TOP_ALLOWED = {"minigpt2.model": {"fast", "io"}, "minigpt2.bpe": {"tokenizer"},
+               "minigpt2": set(FOLDER_ORDER), "minigpt2.__main__": set(FOLDER_ORDER)}
+MAX_LINES = 500
+LONG_ALLOWED = {"minigpt2.course.exercises"}       # the graders: one check after another
+
+
+def folder_of(name: str, mods: dict) -> str:
+    """The folder module ``name`` lives in ("<top>" for a module beside ``__init__.py``)."""
+    parts = name.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and mods[name].name == "__init__.py"):
+        return parts[1]
+    return "<top>"
+
+
+def folder_imports(root: Path) -> dict:
+    """(importing folder, imported folder) -> the (importer, imported) module pairs behind that
+    edge, for every import that crosses from one folder to another."""
+    mods = module_files(root)
+    edges = {}
+    for name in sorted(mods):
+        for dep in sorted(imported_modules(name, mods)):
+            a, b = folder_of(name, mods), folder_of(dep, mods)
+            if a != b:
+                edges.setdefault((a, b), []).append((name, dep))
+    return edges
+
+
+def layering_violations(root: Path, order: list, top_allowed: dict) -> list:
+    """Imports that run from a folder to one later in ``order`` (or to a folder missing from it);
+    a top-level module may import the folders ``top_allowed`` names for it."""
+    rank = {folder: i for i, folder in enumerate(order)}
+    bad = []
+    for (a, b), imports in folder_imports(root).items():
+        for importer, imported in imports:
+            if a == "<top>" and b in top_allowed.get(importer, ()):
+                continue
+            if b not in rank or a not in rank or rank[b] > rank[a]:
+                bad.append(f"{importer} imports {imported} ({a} -> {b})")
+    return bad
+
+
+def draw_folder_graph(root: Path, order: list) -> str:
+    """The graph between folders as text, one line per folder, the edge of the package first:
+    ``folder -> the folders it imports`` (in ``order``; "top" is the top level). This is what
+    docs/architecture.md shows."""
+    edges = folder_imports(root)
+    mods = module_files(root)
+    face = {root.name, f"{root.name}.__main__"}
+    name = {f: "top" if f == "<top>" else f for f in order}
+    width = max(len(n) for n in name.values())
+    lines = []
+    for a in reversed(order):
+        # the face's imports are the package's door, not a layer's dependencies: left out
+        targets = [b for b in order if (a, b) in edges
+                   and not all(importer in face for importer, _ in edges[a, b])]
+        lines.append(f"{name[a]:<{width}} -> " + (", ".join(name[b] for b in targets) or "-"))
+    assert {folder_of(m, mods) for m in mods} <= set(order), "a folder missing from the order"
+    return "\n".join(lines) + "\n"
+
+
+def documented_folder_graph(doc: Path) -> str:
+    """The graph printed in ``doc``: the fenced block after the line that names this file."""
+    match = re.search(r"python -m tests\.test_layout.*?\n```text\n(.*?)```", doc.read_text(
+        encoding="utf-8"), re.S)
+    assert match, f"{doc.name}: no ```text block after a line naming `python -m tests.test_layout`"
+    return match.group(1)
+
+
+def test_top_level_holds_only_the_reference_and_the_package_face():
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top == TOP_LEVEL, f"top-level modules: extra {sorted(top - TOP_LEVEL)}, " \
+                             f"missing {sorted(TOP_LEVEL - top)}"
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert folders == set(FOLDER_ORDER) - {"<top>"}, folders
+
+
+def test_folders_import_in_one_direction():
+    bad = layering_violations(PACKAGE, FOLDER_ORDER, TOP_ALLOWED)
+    assert not bad, "imports against the order of folders: " + "; ".join(bad)
+
+
+def _two_folder_package(tmp_path: Path) -> Path:
+    """pkg/low and pkg/high: high imports low at the top, low imports high inside a function."""
+    pkg = tmp_path / "pkg"
+    for folder in ("low", "high"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ref.py").write_text("X = 1\n")
+    (pkg / "high" / "h.py").write_text("from ..low.l import f\nfrom .. import ref\n")
+    (pkg / "low" / "l.py").write_text("def f():\n    from ..high import h\n    return h\n")
+    return pkg
+
+
+def test_layering_check_finds_an_import_against_the_order(tmp_path):
+    pkg = _two_folder_package(tmp_path)
+    assert layering_violations(pkg, ["<top>", "low", "high"], {}) == [
+        "pkg.low.l imports pkg.high.h (low -> high)"]
+    assert layering_violations(pkg, ["<top>", "high", "low"], {}) == [
+        "pkg.high.h imports pkg.low.l (high -> low)"]
+    assert draw_folder_graph(pkg, ["<top>", "low", "high"]) == (
+        "high -> top, low\nlow  -> high\ntop  -> -\n")
+
+
+def test_no_module_is_over_500_lines():
+    long = {name: len(path.read_text(encoding="utf-8").splitlines())
+            for name, path in module_files(PACKAGE).items()}
+    over = {n: k for n, k in long.items() if k > MAX_LINES and n not in LONG_ALLOWED}
+    assert not over, f"modules over {MAX_LINES} lines: {over}"
+
+
+def test_architecture_doc_shows_the_folder_graph_the_code_has():
+    drawn = draw_folder_graph(PACKAGE, FOLDER_ORDER)
+    assert documented_folder_graph(ARCHITECTURE_DOC) == drawn, \
+        "docs/architecture.md's import graph differs from the code's; the code's " \
+        "(`python -m tests.test_layout`):\n" + drawn
+
+
+def test_doc_graph_check_sees_a_changed_graph(tmp_path):
+    doc = tmp_path / "architecture.md"
+    graph = draw_folder_graph(_two_folder_package(tmp_path), ["<top>", "low", "high"])
+    doc.write_text("Drawn by `python -m tests.test_layout`:\n\n```text\n" + graph + "```\n")
+    assert documented_folder_graph(doc) == graph
+    (tmp_path / "pkg" / "low" / "l.py").write_text("X = 2\n")    # low no longer imports high
+    assert documented_folder_graph(doc) != draw_folder_graph(tmp_path / "pkg",
+                                                             ["<top>", "low", "high"])
+
+
+# ---- the docs point at each other instead of repeating: every pointer must lead somewhere ------
+
+REPO = ARCHITECTURE_DOC.parent.parent
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces -> -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_doc_links(pages: list) -> list:
+    """Relative links in ``pages`` (Markdown files) whose file is missing, or whose ``#anchor``
+    names no heading of the page it points at (headings inside code blocks do not count)."""
+    bad = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", link):                  # https:, mailto:
+                continue
+            path, _, anchor = link.partition("#")
+            target = page.parent / path if path else page
+            if not target.exists():
+                bad.append(f"{page.name}: {link} (no such file)")
+            elif anchor and target.suffix == ".md":
+                text = re.sub(r"```.*?```", "", target.read_text(encoding="utf-8"), flags=re.S)
+                if anchor not in {heading_anchor(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}:
+                    bad.append(f"{page.name}: {link} (no such heading)")
+    return bad
+
+
+def test_doc_links_point_at_files_and_headings_that_exist():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    bad = broken_doc_links(pages)
+    assert not bad, "; ".join(bad)
+
+
+def test_doc_link_check_finds_a_missing_file_and_heading(tmp_path):
+    (tmp_path / "b.md").write_text("# Readable and fast paths\n\n```\n# Not a heading\n```\n")
+    page = tmp_path / "a.md"
+    page.write_text("[ok](b.md#readable-and-fast-paths) [web](https://example.org/x#y)\n")
+    assert broken_doc_links([page]) == []
+    page.write_text("[gone](c.md) [no](b.md#not-a-heading) [self](#nothing-here)\n")
+    assert broken_doc_links([page]) == ["a.md: c.md (no such file)",
+                                        "a.md: b.md#not-a-heading (no such heading)",
+                                        "a.md: #nothing-here (no such heading)"]
+
+
+if __name__ == "__main__":
+    # python -m tests.test_layout: the graph between folders, as docs/architecture.md shows it,
+    # then any import against the order
+    sys.stdout.write(draw_folder_graph(PACKAGE, FOLDER_ORDER))
+    for line in layering_violations(PACKAGE, FOLDER_ORDER, TOP_ALLOWED):
+        print("against the order:", line)

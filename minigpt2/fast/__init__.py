@@ -4,7 +4,7 @@
 FlashAttention form for long sequences); ``gpu_layers``: CuPy with the fused CUDA kernels of
 ``kernels`` and the FlashAttention kernels of ``flash_kernels`` (their shared CUDA C in
 ``cuda_source``); ``optim``: the AdamW update block by block (CPU) or in one kernel (GPU).
-A model picks its set once, when it is built.
+How a model picks its set: docs/architecture.md, "Readable and fast paths".
 
 A set provides the functions named in ``layers.LAYER_SET``. A fast module is a set itself; its
 mixed-precision set (``FLOAT16``) is built by ``layer_set`` from the module's functions, with the

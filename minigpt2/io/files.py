@@ -1,6 +1,17 @@
-"""Writing a file whole or not at all (the one helper every file minigpt2 saves goes through),
-the lock that keeps a folder to one process (``FolderLock``), and a file's SHA-256
-(``sha256_file``, which checkpoints and shards are checked with).
+"""Writing a file whole or not at all (``write_atomic``), the lock that keeps a folder to one
+process (``FolderLock``), and a file's SHA-256 (``sha256_file``, which checkpoints and shards are
+checked with).
+
+Which saves go through ``write_atomic``: every file minigpt2 writes in one piece (a checkpoint's
+weights, optimizer state and state.json, the Hugging Face config and weights, tokenizer files,
+``prepare``'s state and manifest, ``eval``'s JSON results, the metrics log a run starts from, each
+downloaded file, checked against its SHA-256 before it is kept). A checkpoint and a download are
+written this way into a staging folder, then renamed into place file by file (a checkpoint's
+state last). Token files and shards, written as the ids arrive, keep the same rule in data/'s
+writers: a temporary name, fsync, rename. An ``overlap`` Bloom filter is renamed over its target
+from a ``.tmp`` file but not fsynced. Written in place, not atomically: the metrics log while a run
+appends to it, the JSONL rows of ``eval`` / ``overlap --out``, ``tokenizer encode/decode --out``
+and ``plot``'s PNG.
 
 ``write_atomic(path, content)`` writes into a temporary file in the target's folder, flushes and
 fsyncs it, renames it over the target (a rename within one folder is atomic on POSIX and on
