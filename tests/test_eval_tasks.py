@@ -19,7 +19,7 @@ from minigpt2 import GPT, AdamW, GPTConfig
 from minigpt2.data import CharTokenizer
 from minigpt2.eval import cbt, lambada, perplexity, prompts
 from minigpt2.eval.cbt import score_candidates
-from minigpt2.eval.common import load_model
+from minigpt2.training.checkpoint import load_model_folder
 from minigpt2.eval.perplexity import windows, wikitext_detokenize
 from helpers import run_cli
 
@@ -251,8 +251,8 @@ def test_eval_cli_on_a_model_folder(memorised, tmp_path):
     out = json.loads(r.stdout)
     assert out["task"] == "perplexity" and out["ppl_token"] < 1.5
     assert json.loads((tmp_path / "p.json").read_text())["nll"] == pytest.approx(out["nll"])
-    # the command loads the folder as load_model does: the same tokenizer and weights
-    loaded, loaded_tok = load_model(folder)
+    # the command loads the folder as load_model_folder does: the same tokenizer and weights
+    loaded, loaded_tok, _ = load_model_folder(folder)
     assert loaded_tok.chars == tok.chars
     assert all(np.array_equal(loaded.params[k], model.params[k]) for k in model.params)
     data = tmp_path / "lambada.jsonl"

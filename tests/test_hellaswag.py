@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from minigpt2 import GPT, GPTConfig
-from minigpt2.eval.common import load_model
+from minigpt2.training.checkpoint import load_model_folder
 from minigpt2.eval.hellaswag import hellaswag, read_examples
 from helpers import run_cli
 
@@ -83,7 +83,7 @@ def check(scores, ref, what):
 @pytest.fixture(scope="module")
 def scored(folder):
     examples = read_examples(FIXTURE)
-    model, tok = load_model(folder, dtype="float64")
+    model, tok, _ = load_model_folder(folder, dtype="float64")
     return examples, hellaswag(model, tok, examples, batch_size=4), reference(folder, examples)
 
 
@@ -117,7 +117,7 @@ def test_negative_control_sum_in_place_of_mean_fails(scored):
 
 def test_batching_does_not_change_the_losses(folder, scored):
     examples, ours, _ = scored
-    model, tok = load_model(folder, dtype="float64")
+    model, tok, _ = load_model_folder(folder, dtype="float64")
     one = hellaswag(model, tok, examples[:2], batch_size=1)
     a = np.array([r["loss_sum"] for r in one["rows"]])
     b = np.array([r["loss_sum"] for r in ours["rows"][:2]])

@@ -125,7 +125,7 @@ TOP_LEVEL = {"__init__", "__main__", "backend", "bpe", "config", "gradcheck", "l
              "optim"}
 # A folder imports only the top level and folders listed before it; commands, bench and course sit
 # at the edge, above every layer they use.
-FOLDER_ORDER = ["<top>", "fast", "io", "tokenizer", "data", "training", "eval", "course",
+FOLDER_ORDER = ["<top>", "fast", "io", "tokenizer", "data", "eval", "training", "course",
                 "commands", "bench"]
 # The top level's own imports of folders, each a choice of the reference: the model picks its
 # layer set from fast/ and checks its inputs and saves through io/; bpe.py splits text with the

@@ -28,12 +28,12 @@ from typing import Callable, NamedTuple
 
 from ..eval import prompts
 from ..eval.cbt import cbt
-from ..eval.common import load_model
 from ..eval.hellaswag import hellaswag, read_examples
 from ..eval.jsonl import check_file, check_writable, read_jsonl, write_jsonl
 from ..eval.lambada import lambada
 from ..eval.perplexity import DETOKENIZERS, perplexity
 from ..io.files import write_atomic
+from ..training.checkpoint import load_model_folder
 
 
 # --- what the tasks share --------------------------------------------------------------------
@@ -93,7 +93,7 @@ def _perplexity(args) -> None:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise ValueError(f"{path} is empty: nothing to score")
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok, _ = load_model_folder(args.model, args.device, args.dtype)
     result = perplexity(model, tok, text, stride=args.stride,
                         bos=None if args.no_bos else "auto",
                         detokenize=DETOKENIZERS[args.detokenizer], batch_size=args.batch_size)
@@ -111,7 +111,7 @@ def _lambada_options(q):
 
 def _lambada(args) -> None:
     texts = [_text_field(args.data, n, o, "text") for n, o in _rows(args, ("text",))]
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok, _ = load_model_folder(args.model, args.device, args.dtype)
     result = lambada(model, tok, texts, args.stop_filter, args.max_word_tokens)
     _report(args, "lambada", result, result.pop("rows"))
 
@@ -123,7 +123,7 @@ def _cbt(args) -> None:
             raise ValueError(f"{args.data}:{n}: needs a 'context' string or a 'sentences' list")
         if not isinstance(o["candidates"], list) or o["answer"] not in o["candidates"]:
             raise ValueError(f"{args.data}:{n}: 'candidates' must be a list holding the 'answer'")
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok, _ = load_model_folder(args.model, args.device, args.dtype)
     result = cbt(model, tok, [o for _, o in rows])
     _report(args, "cbt", result, result.pop("rows"))
 
@@ -138,7 +138,7 @@ def _summarize_options(q):
 
 def _summarize(args) -> None:
     rows = _rows(args, ("article",))
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok, _ = load_model_folder(args.model, args.device, args.dtype)
     per_example = []
     for n, o in rows:
         out = prompts.summarize(model, tok, _text_field(args.data, n, o, "article"),
@@ -174,7 +174,7 @@ def _few_shot(args, task, src, tgt, predict) -> None:
                          "lines; use fewer shots or more lines")
     pairs = [(_text_field(args.data, n, o, src), _text_field(args.data, n, o, tgt))
              for n, o in rows[:args.shots]]
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok, _ = load_model_folder(args.model, args.device, args.dtype)
     per_example = []
     for n, o in rows[args.shots:]:
         pred = predict(model, tok, pairs, o, _text_field(args.data, n, o, src))
@@ -210,7 +210,7 @@ def _hellaswag(args) -> None:
     examples = read_examples(args.data, args.limit)
     if args.rows is not None:
         check_writable(args.rows, "--rows")
-    model, tok = load_model(args.model, args.device, args.dtype)
+    model, tok, _ = load_model_folder(args.model, args.device, args.dtype)
     result = hellaswag(model, tok, examples, args.batch_size, progress=not args.no_progress)
     rows = result.pop("rows")
     if args.out:                       # the figures, not the rows: those go to --rows

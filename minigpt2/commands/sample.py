@@ -14,27 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data
 from ..backend import to_numpy
+from ..tokenizer.load import default_prompt, encode_prompt
 from ..training.checkpoint import load_model_folder
 from ..io.inputs import check_sampling
 
 SEPARATOR = "\n" + "-" * 40 + "\n"
 
-
-def default_prompt(tokenizer) -> str:
-    """Where a sample starts when no prompt is given: a newline (a new speech, for the plays)
-    for character models; GPT-2's document separator for BPE."""
-    if isinstance(tokenizer, data.CharTokenizer):
-        return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
-    return "<|endoftext|>"
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    ids = tokenizer.encode(prompt, allowed_special="all")
-    if len(ids) == 0:
-        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
-    return list(ids)
 
 
 def add_arguments(p):

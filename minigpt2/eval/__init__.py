@@ -13,7 +13,6 @@ See docs/evaluation.md. The command line: ``python -m minigpt2 eval <task> MODEL
 
 from .bloom import BloomFilter, normalize, optimal_size, text_ngram_hashes
 from .cbt import cbt, score_candidates
-from .common import load_model
 from .hellaswag import hellaswag
 from .lambada import lambada, predict_last_word
 from .overlap import overlap_texts
@@ -21,5 +20,5 @@ from .perplexity import perplexity
 from .prompts import answer, summarize, translate
 
 __all__ = ["BloomFilter", "normalize", "optimal_size", "text_ngram_hashes", "cbt",
-           "score_candidates", "load_model", "hellaswag", "lambada", "predict_last_word",
+           "score_candidates", "hellaswag", "lambada", "predict_last_word",
            "overlap_texts", "perplexity", "answer", "summarize", "translate"]

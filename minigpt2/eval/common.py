@@ -1,4 +1,5 @@
-"""What every evaluation shares: loading a model folder with its tokenizer, and log-probabilities.
+"""What every evaluation shares: encoding text and log-probabilities (the model and tokenizer
+are given: ``training.checkpoint.load_model_folder`` loads them from a folder).
 
 Shapes: B batch, T time, V vocabulary.
 """
@@ -9,16 +10,9 @@ import numpy as np
 
 from .. import data
 from ..backend import array_module, to_numpy
-from ..training.checkpoint import load_model_folder
 
 EOT = "<|endoftext|>"
 
-
-def load_model(directory, device="cpu", dtype="float32"):
-    """(model in eval mode, tokenizer) of a ``train`` run folder (its best/ model when present)
-    or a Hugging Face GPT-2 folder: ``checkpoint.load_model_folder``, as ``sample`` loads it."""
-    model, tokenizer, _ = load_model_folder(directory, device, dtype)
-    return model, tokenizer
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -1,5 +1,5 @@
 """Finding a tokenizer: the one loader (a folder, "gpt2", or a tokenizer as it is), a new one for
-a text, and whether a tokenizer is GPT-2's."""
+a text, whether a tokenizer is GPT-2's, and where a sample starts (the prompt's ids)."""
 
 from __future__ import annotations
 
@@ -86,3 +86,17 @@ def is_gpt2(tok) -> bool:
 def tokenizer_name(tok) -> str:
     """How meta.json and manifests name a tokenizer: "gpt2" for GPT-2's, else its kind."""
     return "gpt2" if is_gpt2(tok) else tok.kind
+
+def default_prompt(tokenizer) -> str:
+    """Where a sample starts when no prompt is given: a newline (a new speech, for the plays)
+    for character models; GPT-2's document separator for BPE."""
+    if isinstance(tokenizer, CharTokenizer):
+        return "\n" if "\n" in tokenizer.stoi else tokenizer.chars[0]
+    return "<|endoftext|>"
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt, allowed_special="all")
+    if len(ids) == 0:
+        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
+    return list(ids)

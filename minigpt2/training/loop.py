@@ -354,7 +354,7 @@ def sample_text(model, tokenizer, n_tokens, prompt=None, temperature=0.8, top_k=
                 top_p=None, seed=None) -> str:
     """``n_tokens`` generated after ``prompt`` (default: a newline for character models,
     <|endoftext|> for BPE), decoded to text, prompt included."""
-    from ..commands.sample import default_prompt, encode_prompt
+    from ..tokenizer.load import default_prompt, encode_prompt
     prompt = default_prompt(tokenizer) if prompt is None else prompt
     ids = encode_prompt(tokenizer, prompt)
     model.eval()
