@@ -741,3 +741,49 @@ def test_run_all_stops_at_the_first_unfinished_exercise(monkeypatch):
     assert "ExerciseFailed" in str(err.value) and "not written yet" in str(err.value)
     graded = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("check_")]
     assert graded[0].outputs and not graded[1].outputs      # stopped at the first grader
+
+
+# ---- the progress view: python -m minigpt2 course ---------------------------------------------------
+
+def _notebook(path, sources):
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    nbformat.write(nb, path)
+
+
+def test_course_lists_each_exercise_passed_or_not_yet(tmp_path, capsys):
+    nbformat = pytest.importorskip("nbformat")
+    from minigpt2.commands import main
+    learner = nbformat.read(NOTEBOOKS / "exercises" / "06_training.ipynb", as_version=4)
+    worked = nbformat.read(NOTEBOOKS / "06_training.ipynb", as_version=4)
+    solution = next(c.source for c in worked.cells if "def adamw_step" in c.source)
+    for cell in learner.cells:               # the learner has written adamw_step, not lr_at yet
+        if "def adamw_step" in cell.source:
+            cell.source = solution
+    nbformat.write(learner, tmp_path / "06_training.ipynb")
+    assert main(["course", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "passed   check_adamw" in out
+    assert "not yet  check_lr_schedule  (lr_at_mine is not written yet" in out
+    assert "1 of 2 exercises passed" in out
+
+
+def test_course_gives_up_on_a_notebook_that_runs_too_long(tmp_path, capsys):
+    from minigpt2.commands import main
+    _notebook(tmp_path / "01_loop.ipynb", [
+        "import time",
+        "from minigpt2.course.exercises import check_top_k\n\ndef top_k(logits, k):\n"
+        "    while True:\n        time.sleep(0.1)",
+        "check_top_k(top_k)"])
+    assert main(["course", "--dir", str(tmp_path), "--timeout", "5"]) == 0
+    assert "not yet  check_top_k  (the notebook took over 5 s)" in capsys.readouterr().out
+
+
+def test_course_without_learner_notebooks_is_one_line_and_status_2(tmp_path, capsys):
+    from minigpt2.commands import main
+    assert main(["course", "--dir", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "no folder" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["course", "--dir", str(tmp_path / "empty")]) == 2
+    assert "no notebook with a grader" in capsys.readouterr().err
