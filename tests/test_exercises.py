@@ -8,6 +8,7 @@ the solutions below, one bug each, the ones learners make.
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -741,6 +742,24 @@ def test_run_all_stops_at_the_first_unfinished_exercise(monkeypatch):
     assert "ExerciseFailed" in str(err.value) and "not written yet" in str(err.value)
     graded = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("check_")]
     assert graded[0].outputs and not graded[1].outputs      # stopped at the first grader
+    error = [o for o in graded[0].outputs if o.output_type == "error"][0]
+    assert len(error.traceback) == 2                        # the verdict and its hint, no traceback
+    assert "not written yet" in error.traceback[0]
+
+
+def test_no_worked_notebook_prints_an_exercises_reference_before_it_is_passed():
+    nbformat = pytest.importorskip("nbformat")
+    answers = ("embedding_forward", "embedding_backward", "layernorm_forward",
+               "layernorm_backward", "attention_forward", "attention_backward", "_split_heads",
+               "linear_backward", "gelu_backward", "block_backward", "cross_entropy_forward",
+               "cross_entropy_backward", "GPT.backward", "AdamW.step", "lr_at", "top_k_logits",
+               "top_p_logits", "attention_step")
+    for path in _make_exercises().worked_notebooks():
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code" and "getsource(" in cell.source:
+                shown = [a for a in answers if re.search(rf"getsource\([\w.]*\b{a}\)",
+                                                         cell.source)]
+                assert not shown, f"{path.name} prints {shown} before its exercise"
 
 
 # ---- the progress view: python -m minigpt2 course ---------------------------------------------------
