@@ -325,6 +325,11 @@ def train_bpe_mutating(words, num_merges):
     return merges
 
 
+def encode_chunk_writing_into_ranks(ids, ranks):
+    ranks["calls"] = ranks.get("calls", 0) + 1       # bookkeeping in the caller's dict
+    return encode_chunk(ids, ranks)
+
+
 def layernorm_forward_in_place(x, w, b, eps=1e-5):
     mean = x.mean(-1, keepdims=True)
     x -= mean                                        # the caller's x
@@ -436,6 +441,8 @@ CASES = {
         "leftmost pair instead of lowest rank": ((lambda i, r: encode_chunk(i, r, rule="left"),),
                                                  "lowest rank"),
         "one merge only": ((lambda i, r: encode_chunk(i, r, once=True),), "keep merging"),
+        "the ranks dict changed": ((encode_chunk_writing_into_ranks,),
+                                   "changed its input `ranks` in place"),
     }),
     "embedding": (E.check_embedding, (layers.embedding_forward, layers.embedding_backward), {
         "stub": ((layers.embedding_forward, stub), "not written yet"),

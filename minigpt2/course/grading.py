@@ -162,13 +162,17 @@ class _Grader:
                       crash_hint or "run it on the small example in the cell above and read "
                       "the traceback")
         for n, snap in before.items():
-            if snap is not None and not _same(watched[n], snap):
-                self.fail(f"{name} changed its input `{n}` in place",
-                          "work on a copy (words = dict(words)): the caller still needs its "
-                          "dict" if isinstance(snap, dict) else
-                          "the caller still needs its inputs: x = x - mean makes a new array, "
-                          "x -= mean (or x[...] = ...) overwrites the caller's")
+            self.unchanged(name, n, watched[n], snap)
         return out
+
+    def unchanged(self, fn_name: str, name: str, value, snapshot) -> None:
+        """Fail if the input ``name`` of ``fn_name`` differs from its snapshot."""
+        if snapshot is not None and not _same(value, snapshot):
+            self.fail(f"{fn_name} changed its input `{name}` in place",
+                      "work on a copy (words = dict(words)): the caller still needs its "
+                      "dict" if isinstance(snapshot, dict) else
+                      "the caller still needs its inputs: x = x - mean makes a new array, "
+                      "x -= mean (or x[...] = ...) overwrites the caller's")
 
     def shape(self, what: str, got, want_shape) -> None:
         got_shape = getattr(got, "shape", None)
