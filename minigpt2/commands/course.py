@@ -114,6 +114,8 @@ def _run_one(path: Path, timeout: float) -> list[dict]:
 
 
 def run(args) -> int:
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
     folder = (args.dir or _default_dir()).resolve()
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {folder}: pass --dir with the folder of the learner "
@@ -121,8 +123,6 @@ def run(args) -> int:
     notebooks = sorted(p for p in folder.glob("*.ipynb") if exercises_of(p))
     if not notebooks:
         raise FileNotFoundError(f"no notebook with a grader (check_...) in {folder}")
-    if not args.timeout > 0:
-        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
     n_passed = n_total = 0
     for path in notebooks:
         print(path.stem)
