@@ -77,8 +77,11 @@ def learner_copy(nb, name: str):
         f"**Exercises.** This is the learner copy: each exercise cell raises NotImplementedError "
         f"until you replace the marked line with your code; the cell after it grades your "
         f"function with the project's own checks (`minigpt2/course/exercises.py`) and stops the "
-        f"notebook with a hint while something is wrong. The worked version, with solutions "
-        f"and outputs, is [notebooks/{name}](../{name}).",
+        f"notebook with one message and a hint while something is wrong (a nudge first; the "
+        f"full formula if the same check fails again, or at once with `show_hint()`). Once it "
+        f"passes, the next cell shows the project's own code. `python -m minigpt2 course` lists "
+        f"which exercises of these copies pass (as saved on disk). The worked version, with "
+        f"solutions and outputs, is [notebooks/{name}](../{name}).",
         first.source, flags=re.S).rstrip("\n")
     first.source = re.sub(r"\n{3,}", "\n\n", first.source)
     nb.metadata.pop("widgets", None)

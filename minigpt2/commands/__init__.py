@@ -30,6 +30,7 @@ COMMANDS = {
     "eval": ("minigpt2.commands.eval", "zero-shot evaluations: perplexity, lambada, cbt, "
              "summarize, translate, qa, hellaswag"),
     "overlap": ("minigpt2.commands.overlap", "8-gram Bloom-filter overlap of test and training text"),
+    "course": ("minigpt2.commands.course", "the course's exercises: which are passed, which not yet"),
 }
 
 # Errors a user can act on. Set MINIGPT2_DEBUG=1 to get the full traceback instead.
