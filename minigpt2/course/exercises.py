@@ -9,7 +9,7 @@ way the project checks its own code:
 - against finite differences in float64 where there is a gradient (``gradcheck``), on inputs
   where every term of the derivative matters (repeated token ids, ignored targets, dloss != 1);
 - against the reference implementation (``layers``, ``bpe``, ``optim.AdamW``,
-  ``training.loop.lr_at``, ``model.top_k_logits``, ...), with the hyperparameters varied so that
+  ``training.step.lr_at``, ``model.top_k_logits``, ...), with the hyperparameters varied so that
   a hard-coded value cannot pass, on inputs that overflow a naive softmax;
 - on shapes and dtypes: float32 inputs must give float32 outputs, every returned array checked.
 
