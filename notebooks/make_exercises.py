@@ -76,7 +76,7 @@ def learner_copy(nb, name: str):
         r"\*\*Exercises\.\*\*.*?(?=\n\n|\Z)",
         f"**Exercises.** This is the learner copy: each exercise cell raises NotImplementedError "
         f"until you replace the marked line with your code; the cell after it grades your "
-        f"function with the project's own checks (`minigpt2/exercises.py`) and stops the "
+        f"function with the project's own checks (`minigpt2/course/`) and stops the "
         f"notebook with a hint while something is wrong. The worked version, with solutions "
         f"and outputs, is [notebooks/{name}](../{name}).",
         first.source, flags=re.S).rstrip("\n")
