@@ -1,4 +1,5 @@
-"""The graders of notebooks 08-12 (minigpt2/course/advanced.py) can pass and can fail.
+"""The graders of notebooks 08-12 (minigpt2/course/advanced.py) can pass and can fail; the
+learner's layers of notebooks 02-05 (minigpt2/course/own_layers.py) reach the model.
 
 Each grader passes on a solution (the shape the notebook asks for), and fails with
 ExerciseFailed, and the message that names the mistake, on the unfilled stub and on the classic
@@ -6,13 +7,17 @@ mistakes of its exercise: small edits of the solution, one bug each.
 """
 
 import math
+from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 
-from minigpt2 import layers
+from minigpt2 import GPT, GPTConfig, layers
 from minigpt2.course import advanced as A
+from minigpt2.course.own_layers import NOTEBOOKS, USED, own_layer_set
 from minigpt2.fast import cpu_layers
+from minigpt2.gradcheck import rel_error
 
 
 def stub(*args, **kwargs):
@@ -173,3 +178,55 @@ def test_flash_backward_passes_the_solution_and_the_reference():
 ])
 def test_flash_backward_names_each_mistake(bug, match):
     fails(A.check_flash_backward, lambda dy, cache: flash_backward(dy, cache, bug), match)
+
+
+# ---- the payoff: the learner's layers inside the model ---------------------------------------
+
+COURSE = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _loss_and_grads(layer_set=None):
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
+    model = GPT(cfg, seed=0, layers="reference")
+    if layer_set is not None:
+        model.layers = layer_set
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    targets = np.roll(idx, -1, axis=1)
+    targets[0, :3] = -1                                  # ignored positions too
+    loss = float(model.forward(idx, targets)[1])
+    return loss, model.backward()
+
+
+def test_the_worked_solutions_train_the_model_as_the_reference_does():
+    own = own_layer_set(COURSE)
+    assert own.yours == sorted(USED)
+    loss_ref, g_ref = _loss_and_grads()
+    loss, g = _loss_and_grads(own)
+    assert abs(loss - loss_ref) < 1e-5
+    assert max(rel_error(g[n], g_ref[n]) for n in g_ref) < 1e-4
+
+
+def test_stubs_are_left_to_the_reference():
+    assert own_layer_set(COURSE / "exercises").yours == []
+
+
+def test_a_wrong_layer_of_the_learner_reaches_the_model(tmp_path):
+    """Negative control: the swap is real. A LayerNorm backward without its mean terms, written
+    into a copy of notebook 02, changes the model's gradients."""
+    for stem in NOTEBOOKS:
+        nb = nbformat.read(COURSE / f"{stem}.ipynb", as_version=4)
+        if stem.startswith("02"):
+            cell = next(c for c in nb.cells if "def layernorm_backward" in c.source)
+            wrong = "    dx = rstd * g\n"
+            start = cell.source.index("    dx = rstd * (g - g.mean")
+            end = cell.source.index("    return dx, dw, db")
+            cell.source = cell.source[:start] + wrong + cell.source[end:]
+        nbformat.write(nb, tmp_path / f"{stem}.ipynb")
+    _, g_ref = _loss_and_grads()
+    _, g = _loss_and_grads(own_layer_set(tmp_path))
+    assert rel_error(g["h.0.attn.c_attn.weight"], g_ref["h.0.attn.c_attn.weight"]) > 1e-2
+
+
+def test_a_missing_notebook_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="02_embeddings_layernorm.ipynb"):
+        own_layer_set(tmp_path)
