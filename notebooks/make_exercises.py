@@ -76,7 +76,7 @@ def learner_copy(nb, name: str):
         r"\*\*Exercises\.\*\*.*?(?=\n\n|\Z)",
         f"**Exercises.** This is the learner copy: each exercise cell raises NotImplementedError "
         f"until you replace the marked line with your code; the cell after it grades your "
-        f"function with the project's own checks (`minigpt2/course/exercises.py`) and stops the "
+        f"function with the project's own checks (`minigpt2/course/`) and stops the "
         f"notebook with one message and a hint while something is wrong (a nudge first; the "
         f"full formula if the same check fails again, or at once with `show_hint()`). Once it "
         f"passes, the next cell shows the project's own code. `python -m minigpt2 course` lists "

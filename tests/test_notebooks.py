@@ -1,9 +1,11 @@
 """Execute every notebook of the course (notebooks/*.ipynb) top to bottom, one at a time.
 
 Each notebook is its own test, so a failure names it. The kernel runs with MINIGPT2_FAST=1,
-which lowers iteration counts only (training steps, timing repeats) and skips building the
-6 GB gpt2-xl model in notebook 09; every assertion a notebook teaches (gradient checks and their
-negative controls, num_params, parity with transformers, the loss falling) still runs. An error
+which makes runs smaller (each notebook's first cell says how: fewer steps or probes, shorter
+sequences, a smaller tokenizer corpus in 01) and skips building the 6 GB gpt2-xl model in
+notebook 09 and the claims of notebook 11 that need its full budget; the other assertions a
+notebook teaches (gradient checks and their negative controls, num_params, parity with
+transformers, the loss falling, the graders on the worked solutions) still run. An error
 in any cell, a failed assert included, fails the test. The notebooks run from their own folder,
 so relative paths inside them mean what they mean for a reader. MINIGPT2_CACHE points at a
 temporary folder shared by the run, so notebook 06's saved model reaches notebook 07 without
