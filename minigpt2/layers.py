@@ -160,7 +160,9 @@ def dropout_forward(x, p, rng):
     is the identity (eval mode). Returns (out, mask); mask is None for the identity."""
     if p == 0.0 or rng is None:
         return x, None
-    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    # float16 activations (mixed precision) draw in float32: Generator.random refuses float16
+    draw = "float32" if x.dtype == "float16" else x.dtype
+    keep = rng.random(x.shape, dtype=draw) >= p
     mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
     return x * mask, mask
 
