@@ -36,8 +36,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// every __shared__ variable of the module lives in one section, poisoned before each block
-#define __shared__ static __attribute__((section("emu_shared")))
+// a __shared__ variable is a static local (blocks run one at a time); cuda_emulator.translate
+// follows each declaration with emu::shared_region(name), which poisons it once per block
+#define __shared__ static
 
 using std::exp; using std::log; using std::sqrt; using std::tanh; using std::fmax;
 using std::fmin; using std::min; using std::max; using std::abs; using std::floor;
@@ -79,6 +80,15 @@ inline Fiber* cur = nullptr;
 inline uint3 block_idx;
 inline dim3 block_dim, grid_dim;
 inline unsigned char* dynamic_smem = nullptr;
+
+// The first thread of a block to pass a __shared__ declaration fills the variable with 0xff
+// bytes (NaN in float and double), before any thread of the block can write it.
+inline std::vector<void*>& seen_shared();
+template<class V> inline void shared_region(V& v) {
+    for (void* p : seen_shared()) if (p == (void*)&v) return;
+    seen_shared().push_back((void*)&v);
+    std::memset((void*)&v, 0xff, sizeof(V));
+}
 
 [[noreturn]] inline void fail(const std::string& what) {
     // unwinding through the fibers' stacks is not possible: record and return to the scheduler
@@ -238,8 +248,6 @@ namespace emu {
 
 constexpr size_t STACK_BYTES = 256 * 1024;
 
-extern "C" char __start_emu_shared[] __attribute__((weak));
-extern "C" char __stop_emu_shared[] __attribute__((weak));
 
 inline void fiber_main() {
     // parked at once: the scheduler's first resume of the fiber runs its first block
@@ -251,9 +259,12 @@ inline void fiber_main() {
     }
 }
 
+inline std::vector<void*> shared_seen;     // the static shared variables met in this block
+
+inline std::vector<void*>& seen_shared() { return shared_seen; }
+
 inline void poison_shared(size_t dynamic_bytes) {
-    if (__start_emu_shared && __stop_emu_shared)
-        std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+    shared_seen.clear();
     if (dynamic_bytes) std::memset(dynamic_smem, 0xff, dynamic_bytes);
 }
 

@@ -79,9 +79,29 @@ _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+
                             r"([\w:<>\s]+?)\s+(\w+)\s*\[\s*\]\s*;")
 
 
+_SHARED = re.compile(r"(?<!extern )__shared__\s+([^;]+);")
+
+
+def _declared_names(declarators: str):
+    """'A sm[32], ss[32]' -> ['sm', 'ss']: the name before each declarator's brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(declarators + ","):
+        if ch in "[(<":
+            depth += 1
+        elif ch in "])>":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(declarators[start:i])
+            start = i + 1
+    return [re.findall(r"\w+", p.split("[")[0].split("=")[0])[-1] for p in parts]
+
+
 def translate(code: str) -> str:
-    """The kernel text as g++ takes it: dynamic shared memory becomes a pointer."""
-    return _EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(emu::dynamic_smem);", code)
+    """The kernel text as g++ takes it: dynamic shared memory becomes a pointer; each static
+    ``__shared__`` declaration (inside a kernel) is followed by its poisoning, once per block."""
+    code = _EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(emu::dynamic_smem);", code)
+    return _SHARED.sub(lambda m: m.group(0) + "".join(
+        f" emu::shared_region({name});" for name in _declared_names(m.group(1))), code)
 
 
 def build(text: str, tag: str) -> ctypes.CDLL:
