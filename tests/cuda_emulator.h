@@ -11,8 +11,9 @@
 //                     every lane of the mask has left its own; then each reads what it needs
 // Between two synchronisation points the ready fibers run one after another in a seeded random
 // order, so a kernel that reads shared memory another thread writes without a barrier between
-// them reads a stale or poisoned value. Shared memory (static and dynamic) is filled with 0xff
-// bytes (NaN in float and double) before each block.
+// them reads a stale or poisoned value. Shared memory is filled with 0xff bytes (NaN in float
+// and double) in each block before it is used: the dynamic part when the block starts, each
+// static __shared__ variable when the block's first thread passes its declaration.
 #pragma once
 #include <algorithm>
 #include <cmath>

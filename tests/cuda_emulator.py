@@ -6,7 +6,8 @@ How it works
     ``RawModule(code=..., name_expressions=[...])`` writes one C++ file: the prelude
     ``cuda_emulator.h`` (threadIdx/blockIdx/blockDim/gridDim, ``__shared__``, ``__syncthreads``,
     warp shuffles, atomics, float16 with round-to-nearest-even), the kernel text as CuPy gets it
-    (``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared memory), and
+    (``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared memory; a
+    ``__shared__`` declaration, which must be inside a kernel, is followed by its poisoning), and
     one exported launch function per template instance. g++ builds it into a shared library,
     cached by the hash of all of that (``$MINIGPT2_EMULATOR_CACHE``, default under the temporary
     folder), and ctypes calls it. A block runs as blockDim fibers on one OS thread; between two
