@@ -109,8 +109,11 @@ class PhaseTimer:
         self.steps = []
 
     def wrap(self, owner, name, phase):
-        """Replace ``owner.name`` by a version timed under ``phase``."""
+        """Replace ``owner.name`` by a version timed under ``phase``. What an earlier timer
+        wrapped is unwrapped first (the layer set is a module: a second profile in the same
+        process would otherwise time each call twice, once into a finished timer)."""
         fn = getattr(owner, name)
+        fn = getattr(fn, "untimed", fn)
         cuda = self.cupy.cuda
 
         def timed(*args, **kwargs):
@@ -121,6 +124,7 @@ class PhaseTimer:
             self.pending.append((phase, start, end))
             return out
 
+        timed.untimed = fn
         setattr(owner, name, timed)
 
     def end_step(self, step_seconds):
@@ -167,6 +171,21 @@ class UsedMemory:
 
     def sample(self, *_):
         self.peak = max(self.peak, self.now())
+
+
+def faster_attention(flash_results, stored_results) -> str:
+    """"flash" or "stored": which of minigpt2's attentions gave the shorter median step, from the
+    ``--json`` results of the same bench run with ``--attention flash`` and ``--attention stored``
+    (.ci/gpu-check's pair, GPT-2 124M at T = 1024, B 8); what ``gpu_layers.MEASURED_FASTER``
+    records."""
+    def median_step(results, attention):
+        times = [statistics.median(r["times"]) for r in results
+                 if r.get("framework") == "minigpt2" and r.get("times")]
+        if not times:
+            raise ValueError(f"no minigpt2 step times in the {attention} results")
+        return min(times)
+    flash, stored = median_step(flash_results, "flash"), median_step(stored_results, "stored")
+    return "flash" if flash < stored else "stored"
 
 
 def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False):
