@@ -40,9 +40,9 @@ def add_arguments(p):
                         "mixed precision (minigpt2.bench.train_gpu)")
     p.add_argument("--precisions", help="GPU: comma-separated, of float32, tf32, float16 "
                    "(default all three; tf32 for gpt2-xl)")
-    p.add_argument("--torch-attention", default="sdpa,eager",
+    p.add_argument("--torch-attention", default="sdpa,eager,compile",
                    help="GPU: the PyTorch rows, of sdpa, eager and compile (torch.compile of the "
-                        "sdpa model) (default sdpa,eager)")
+                        "sdpa model) (default all three)")
     p.add_argument("--attention", choices=["flash", "stored"], default="flash",
                    help="GPU: minigpt2's attention, the flash kernels (default) or the stored "
                         "(B, H, T, T) matrix")
