@@ -133,3 +133,21 @@ def test_unknown_card_prints_question_marks_not_a_made_up_mfu(capsys):
     assert printed[4:6] == ["?", "?"] and rows[0]["mfu_llmc"] is None
     assert "MFU ? (llm.c's count)" in g.summary(rows)[0]
     assert statistics.median(rows[0]["times"]) == 0.065
+
+
+def test_child_process_gets_the_padding_and_its_row_back(monkeypatch):
+    """The parent passes --pad-vocab on to each child and reads back the child's JSON line."""
+    seen = []
+
+    def fake_run(argv, **kw):
+        seen.append(argv)
+        return g.subprocess.CompletedProcess(argv, 0, stdout='log\n{"framework": "minigpt2"}\n',
+                                             stderr="")
+
+    monkeypatch.setattr(g.subprocess, "run", fake_run)
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    args = g.argparse.Namespace(batch_size=2, steps=3, warmup=1, attention="stored", pad_vocab=64,
+                                profile=False, recompute=False, no_gemm=True)
+    assert g._child(args, cfg, "float16", "minigpt2") == {"framework": "minigpt2"}
+    argv = seen[0]
+    assert argv[argv.index("--pad-vocab") + 1] == "64" and "--no-gemm" in argv

@@ -55,6 +55,9 @@ def add_arguments(p):
                         "element-wise, optimizer, the rest)")
     p.add_argument("--recompute", action="store_true",
                    help="GPU: minigpt2 recomputes each block's activations in the backward")
+    p.add_argument("--pad-vocab", type=int, default=1, metavar="N",
+                   help="GPU: minigpt2's LM head over the vocabulary padded to a multiple of N "
+                        "(64 or 128: 50,257 -> 50,304), padded logits masked (default 1: none)")
     p.add_argument("--no-gemm", action="store_true", help="GPU: skip the 8192^3 GEMM timing")
     # internal: the fresh subprocess that measures one framework's peak memory
     p.add_argument("--_memory", choices=["minigpt2", "sdpa", "eager"], help=argparse.SUPPRESS)

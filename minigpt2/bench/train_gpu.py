@@ -175,7 +175,7 @@ class UsedMemory:
         self.peak = max(self.peak, self.now())
 
 
-def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False):
+def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False, pad_vocab=1):
     """minigpt2's step on the GPU; returns (step, losses, scaler, phase timer or None)."""
     import cupy
 
@@ -183,7 +183,8 @@ def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False
     from ..model import GPT
     from ..optim import AdamW, LossScaler, global_norm
     gpu_layers.GPU_FLASH = attention == "flash"
-    model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute)
+    model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute,
+                pad_vocab=pad_vocab)
     model.on_block = memory.sample
     opt = AdamW(model.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     scaler = LossScaler() if precision == "float16" else None
@@ -255,7 +256,7 @@ def measure(args, cfg, precision, framework) -> dict:
     timer = None
     if framework == "minigpt2":
         step, losses, scaler, timer = _ours(cfg, B, precision, args.recompute, memory,
-                                            args.attention, args.profile)
+                                            args.attention, args.profile, args.pad_vocab)
         clock_step = cuda_timed
         clock = cupy
         finish = cupy.cuda.Device().synchronize
@@ -305,7 +306,8 @@ def _child(args, cfg, precision, framework) -> dict:
     argv = [sys.executable, "-m", "minigpt2", "bench", "train", "--device", "gpu",
             "--_precision", precision, "--_framework", framework,
             *model_argv(cfg, args.batch_size), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--attention", args.attention]
+            "--warmup", str(args.warmup), "--attention", args.attention,
+            "--pad-vocab", str(args.pad_vocab)]
     if args.profile:
         argv.append("--profile")
     if args.recompute:
@@ -432,7 +434,8 @@ def run_gpu(args, cfg) -> int:
     T = cfg.block_size
     print(f"training step on the GPU: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} "
           f"channels, V = {cfg.vocab_size}, T = {T}, minigpt2 attention: {args.attention}"
-          + (", with --recompute" if args.recompute else ""))
+          + (", with --recompute" if args.recompute else "")
+          + (f", LM head padded to a multiple of {args.pad_vocab}" if args.pad_vocab > 1 else ""))
     header = (f"{'precision':<10}{'B':>4} {'framework':<19}{'tokens/s':>10}{'ms/step':>9}"
               f"{'ratio':>7}{'MFU nGPT':>8}{'MFU llmc':>8}{'of GEMM':>8}{'peak GiB':>9}")
     results, device = [], None
