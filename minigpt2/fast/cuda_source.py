@@ -2,8 +2,27 @@
 is computed in, float16 loads and stores, -infinity, warp sums.
 
 Plain text, no CuPy import: the kernel sources can be compiled and checked (``nvcc``) on a
-machine without a GPU.
+machine without a GPU, and run on the CPU by the tests' CUDA emulator (tests/cuda_emulator.py),
+which compiles the same text with g++.
+
+``Launch`` is a kernel's launch geometry. Each kernel's geometry is computed by one plain Python
+function beside it, called by the CuPy launch and by the emulator alike, so a wrong grid, block
+or shared-memory size is caught on the CPU too.
 """
+
+from typing import NamedTuple
+
+
+class Launch(NamedTuple):
+    """grid (x, y, z), block (x, y, z) and bytes of dynamic shared memory of one kernel launch."""
+    grid: tuple
+    block: tuple
+    shared_mem: int = 0
+
+    def __call__(self, kernel, args):
+        """Launch ``kernel`` (a CuPy RawKernel or the emulator's) with this geometry."""
+        kernel(self.grid, self.block, args, shared_mem=self.shared_mem)
+
 
 COMMON = r"""
 // Acc<T>::type is what a value of storage type T is computed in.
@@ -11,20 +30,30 @@ template<class T> struct Acc { typedef float type; };
 template<> struct Acc<double> { typedef double type; };
 
 // float16 is passed as raw 16-bit words (unsigned short) and converted with the PTX instructions,
-// so no CUDA header is needed.
+// so no CUDA header is needed. A function whose body is PTX is a small wrapper like these two:
+// under the CPU emulator of the tests (MINIGPT2_EMULATOR defined) its C++ body comes from the
+// emulator's prelude instead.
+#ifndef MINIGPT2_EMULATOR
+__device__ __forceinline__ float half_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short float_to_half(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+#endif
 __device__ __forceinline__ float load(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ double load(const double* p, long long i) { return p[i]; }
 __device__ __forceinline__ float load(const unsigned short* p, long long i) {
-    float f; unsigned short h = p[i];
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
+    return half_to_float(p[i]);
 }
 __device__ __forceinline__ void store(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(double* p, long long i, double v) { p[i] = v; }
 __device__ __forceinline__ void store(unsigned short* p, long long i, float v) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    p[i] = h;
+    p[i] = float_to_half(v);
 }
 
 // -infinity, spelled without a header

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cuda_source import COMMON
+from .cuda_source import COMMON, Launch
 
 THREADS = 128
 HEAD_SIZES = (8, 16, 32, 64, 128)
@@ -76,7 +76,7 @@ __device__ __forceinline__ void load_tile(A (*tile)[HS], const T* src, long long
 }
 
 // ---- forward: layers.flash_attention_forward -----------------------------------------------
-// qkv (B, T, 3C) -> y (B, T, C), lse (B, H, T). grid (ceil(T / ROWS), B * H).
+// qkv (B, T, 3C) -> y (B, T, C), lse (B, H, T). grid (B * H, ceil(T / ROWS)).
 template<class T, int HS, int BC>
 __global__ void __launch_bounds__(FLASH_THREADS)
 flash_forward(const T* __restrict__ qkv, T* __restrict__ y,
@@ -85,10 +85,10 @@ flash_forward(const T* __restrict__ qkv, T* __restrict__ y,
     constexpr int TPR = Split<HS>::TPR, D = Split<HS>::D, ROWS = Split<HS>::ROWS;
     __shared__ A ks[BC][HS];
     __shared__ A vs[BC][HS];
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * HS;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H, C = H * HS;
     const long long stride = 3LL * C;
     const T* base = qkv + (long long)b * T_ * stride + (long long)h * HS;
-    const int part = threadIdx.x % TPR, q0 = blockIdx.x * ROWS, i = q0 + threadIdx.x / TPR;
+    const int part = threadIdx.x % TPR, q0 = blockIdx.y * ROWS, i = q0 + threadIdx.x / TPR;
     const bool valid = i < T_;
     A q[D], acc[D];
 #pragma unroll
@@ -138,7 +138,7 @@ flash_forward(const T* __restrict__ qkv, T* __restrict__ y,
 
 // ---- backward, dq: the query side of layers.flash_attention_backward -------------------------
 // dq_i = scale sum_{j <= i} ds_ij k_j, ds_ij = p_ij (dO_i . v_j - delta_i), p_ij = exp(s_ij - lse_i).
-// Writes the q third of dqkv (B, T, 3C). grid (ceil(T / ROWS), B * H).
+// Writes the q third of dqkv (B, T, 3C). grid (B * H, ceil(T / ROWS)).
 template<class T, int HS, int BC>
 __global__ void __launch_bounds__(FLASH_THREADS)
 flash_backward_dq(const T* __restrict__ qkv, const T* __restrict__ dy,
@@ -149,11 +149,11 @@ flash_backward_dq(const T* __restrict__ qkv, const T* __restrict__ dy,
     constexpr int TPR = Split<HS>::TPR, D = Split<HS>::D, ROWS = Split<HS>::ROWS;
     __shared__ A ks[BC][HS];
     __shared__ A vs[BC][HS];
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * HS;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H, C = H * HS;
     const long long stride = 3LL * C;
     const T* base = qkv + (long long)b * T_ * stride + (long long)h * HS;
     const T* dbase = dy + (long long)b * T_ * C + (long long)h * HS;
-    const int part = threadIdx.x % TPR, q0 = blockIdx.x * ROWS, i = q0 + threadIdx.x / TPR;
+    const int part = threadIdx.x % TPR, q0 = blockIdx.y * ROWS, i = q0 + threadIdx.x / TPR;
     const bool valid = i < T_;
     A q[D], g[D], dq[D];
 #pragma unroll
@@ -195,7 +195,7 @@ flash_backward_dq(const T* __restrict__ qkv, const T* __restrict__ dy,
 
 // ---- backward, dk and dv: the key side of layers.flash_attention_backward --------------------
 // For key j: dv_j = sum_{i >= j} p_ij dO_i,  dk_j = scale sum_{i >= j} ds_ij q_i.
-// Writes the k and v thirds of dqkv. grid (ceil(T / ROWS), B * H): a block owns ROWS keys.
+// Writes the k and v thirds of dqkv. grid (B * H, ceil(T / ROWS)): a block owns ROWS keys.
 template<class T, int HS, int BC>
 __global__ void __launch_bounds__(FLASH_THREADS)
 flash_backward_dkv(const T* __restrict__ qkv, const T* __restrict__ dy,
@@ -207,11 +207,11 @@ flash_backward_dkv(const T* __restrict__ qkv, const T* __restrict__ dy,
     __shared__ A qs[BC][HS];
     __shared__ A gs[BC][HS];
     __shared__ A lse_s[BC], delta_s[BC];
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, C = H * HS;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H, C = H * HS;
     const long long stride = 3LL * C;
     const T* base = qkv + (long long)b * T_ * stride + (long long)h * HS;
     const T* dbase = dy + (long long)b * T_ * C + (long long)h * HS;
-    const int part = threadIdx.x % TPR, k0 = blockIdx.x * ROWS, j = k0 + threadIdx.x / TPR;
+    const int part = threadIdx.x % TPR, k0 = blockIdx.y * ROWS, j = k0 + threadIdx.x / TPR;
     const bool valid = j < T_;
     A k[D], v[D], dk[D], dv[D];
 #pragma unroll
@@ -279,6 +279,22 @@ def tile_rows(dtype, hs: int) -> int:
     return 16 if np.dtype(dtype) == np.float64 and hs > 64 else 32
 
 
+GRID_Y_MOST = 65535
+
+
+def launch(B, T, H, hs):
+    """The three kernels' launch geometry: grid (B H, ceil(T / rows_per_block)), THREADS threads.
+    B H goes in grid x (up to 2^31 - 1 blocks); the row blocks in grid y, whose limit (65,535)
+    bounds T at 65,535 rows_per_block (over a million positions)."""
+    rows = rows_per_block(hs)
+    blocks = (T + rows - 1) // rows
+    if B * H > 2 ** 31 - 1 or blocks > GRID_Y_MOST:
+        raise ValueError(f"flash attention: B*H = {B * H} and T = {T} need a grid of "
+                         f"({B * H}, {blocks}) blocks, over CUDA's (2^31 - 1, {GRID_Y_MOST}): "
+                         "use a smaller batch or context, or the stored attention")
+    return Launch((B * H, blocks), (THREADS,))
+
+
 def name_expressions(dtype, hs):
     """The template instances of the three kernels for one (dtype, head size)."""
     storage, bc = STORAGE[np.dtype(dtype)], tile_rows(dtype, hs)
@@ -328,9 +344,8 @@ def attention_forward(qkv, n_head):
     forward, _, _ = _kernels(qkv.dtype, hs)
     y = cp.empty((B, T, C), dtype=qkv.dtype)
     lse = cp.empty((B, n_head, T), dtype=_acc_dtype(qkv.dtype))
-    grid = ((T + rows_per_block(hs) - 1) // rows_per_block(hs), B * n_head)
-    forward(grid, (THREADS,), (qkv, y, lse, np.int32(T), np.int32(n_head),
-                               np.float64(1.0 / math.sqrt(hs))))
+    launch(B, T, n_head, hs)(forward, (qkv, y, lse, np.int32(T), np.int32(n_head),
+                                       np.float64(1.0 / math.sqrt(hs))))
     return y, FlashCache(qkv, y, lse, n_head)
 
 
@@ -349,8 +364,7 @@ def attention_backward(dy, cache):
     delta = cp.ascontiguousarray(delta)                                   # (B, H, T)
     _, backward_dq, backward_dkv = _kernels(qkv.dtype, hs)
     dqkv = cp.empty_like(qkv)
-    grid = ((T + rows_per_block(hs) - 1) // rows_per_block(hs), B * H)
     args = (qkv, dy, lse, delta, dqkv, np.int32(T), np.int32(H), np.float64(1.0 / math.sqrt(hs)))
-    backward_dq(grid, (THREADS,), args)
-    backward_dkv(grid, (THREADS,), args)
+    launch(B, T, H, hs)(backward_dq, args)
+    launch(B, T, H, hs)(backward_dkv, args)
     return dqkv

@@ -24,6 +24,7 @@ import cupy as cp
 import numpy as np
 
 from .cuda_source import COMMON as _COMMON  # accumulation type, float16 loads, warp sums
+from .cuda_source import Launch
 
 
 # One warp per row: a row of C (LayerNorm) or T (attention) values is read by 32 lanes, each
@@ -216,17 +217,47 @@ def _acc_dtype(dtype):
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def _check(*arrays):
-    for a in arrays:
+def _check(x, *others):
+    """x and the arrays read beside it (w, b, dout...): C-contiguous, float16/32/64, all of x's
+    dtype (a kernel instance reads every pointer as x's type: a float32 w beside float16 x
+    would be read as half words)."""
+    for a in (x,) + others:
         if not a.flags.c_contiguous:
             raise ValueError("the fused kernels need C-contiguous arrays")
         if a.dtype not in _STORAGE:
             raise ValueError(f"the fused kernels take float16/32/64 arrays, got {a.dtype}")
+        if a.dtype != x.dtype:
+            raise ValueError(f"the fused kernels need one dtype: got {a.dtype} beside {x.dtype} "
+                             "(cast the weights to the activations' dtype)")
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count():
-    return cp.cuda.Device().attributes["MultiProcessorCount"]
+def _device_attribute(name):
+    return cp.cuda.Device().attributes[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# launch geometry: plain Python, called by the launches below and by the tests' CUDA emulator
+
+SHARED_DEFAULT = 48 * 1024       # dynamic shared memory a launch gets without opting in
+
+
+def row_launch(rows):
+    """One warp per row, _ROWS_PER_BLOCK rows per block (LayerNorm forward, causal softmax)."""
+    return Launch(((rows + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (_THREADS,))
+
+
+def layernorm_backward_launch(N, C, dtype, sm_count):
+    """Enough blocks to fill the GPU a few times over, each looping over many rows, so the
+    per-block partial sums of dw and db are few; 2 C statistics-dtype numbers of shared memory
+    for them (above SHARED_DEFAULT the launch opts in: see ``layernorm_backward``)."""
+    blocks = max(1, min((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, 4 * sm_count))
+    return Launch((blocks,), (_THREADS,), 2 * C * _acc_dtype(dtype).itemsize)
+
+
+def cross_entropy_launch(N):
+    """One block of 512 threads per row of logits."""
+    return Launch((N,), (512,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,9 +277,8 @@ def layernorm_forward(x, w, b, eps=1e-5):
     acc = _acc_dtype(x.dtype)
     mean = cp.empty(N, dtype=acc)
     rstd = cp.empty(N, dtype=acc)
-    _kernel("layernorm_forward", x.dtype)(
-        ((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK,), (_THREADS,),
-        (x, w, b, out, mean, rstd, np.int32(N), np.int32(C), np.float64(eps)))
+    row_launch(N)(_kernel("layernorm_forward", x.dtype),
+                  (x, w, b, out, mean, rstd, np.int32(N), np.int32(C), np.float64(eps)))
     lead = x.shape[:-1] + (1,)
     return out, (x, w, mean.reshape(lead), rstd.reshape(lead))
 
@@ -266,13 +296,16 @@ def layernorm_backward(dout, cache):
     dx = cp.empty_like(x)
     dw = cp.zeros(C, dtype=acc)
     db = cp.zeros(C, dtype=acc)
-    # enough blocks to fill the GPU a few times over; each then loops over many rows, so the
-    # per-block partial sums of dw and db are few
-    blocks = max(1, min((N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, 4 * _sm_count()))
-    _kernel("layernorm_backward", x.dtype)(
-        (blocks,), (_THREADS,),
-        (dout, x, w, mean.reshape(-1), rstd.reshape(-1), dx, dw, db, np.int32(N), np.int32(C)),
-        shared_mem=2 * C * acc.itemsize)
+    launch = layernorm_backward_launch(N, C, x.dtype, _device_attribute("MultiProcessorCount"))
+    kernel = _kernel("layernorm_backward", x.dtype)
+    if launch.shared_mem > SHARED_DEFAULT:     # C > 6144 (3072 in float64): opt in to more
+        most = _device_attribute("MaxSharedMemoryPerBlockOptin")
+        if launch.shared_mem > most:
+            raise ValueError(f"layernorm_backward: C = {C} needs {launch.shared_mem} bytes of "
+                             f"shared memory, over this GPU's {most}")
+        kernel.max_dynamic_shared_size_bytes = launch.shared_mem
+    launch(kernel, (dout, x, w, mean.reshape(-1), rstd.reshape(-1), dx, dw, db, np.int32(N),
+                    np.int32(C)))
     return dx, dw, db
 
 
@@ -312,9 +345,8 @@ def causal_softmax_forward(att, scale):
     _check(att)
     T = att.shape[-1]
     R = att.size // T
-    blocks = (R + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
-    _kernel("causal_softmax_forward", att.dtype)(
-        (blocks,), (_THREADS,), (att, np.int64(R), np.int32(T), np.float64(scale)))
+    row_launch(R)(_kernel("causal_softmax_forward", att.dtype),
+                  (att, np.int64(R), np.int32(T), np.float64(scale)))
     return att
 
 
@@ -325,9 +357,8 @@ def causal_softmax_backward(datt, att):
     _check(datt, att)
     T = att.shape[-1]
     R = att.size // T
-    blocks = (R + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
-    _kernel("causal_softmax_backward", att.dtype)(
-        (blocks,), (_THREADS,), (datt, att, np.int64(R), np.int32(T)))
+    row_launch(R)(_kernel("causal_softmax_backward", att.dtype),
+                  (datt, att, np.int64(R), np.int32(T)))
     return datt
 
 
@@ -349,7 +380,8 @@ def cross_entropy_forward(logits, targets):
     acc = _acc_dtype(logits.dtype)
     lse = cp.empty(N, dtype=acc)
     nll = cp.empty(N, dtype=acc)
-    _kernel("cross_entropy_forward", logits.dtype)((N,), (512,), (z, t, lse, nll, np.int32(V)))
+    cross_entropy_launch(N)(_kernel("cross_entropy_forward", logits.dtype),
+                            (z, t, lse, nll, np.int32(V)))
     n_valid = (t != -1).sum().astype(acc)
     loss = nll.sum() / n_valid
     return loss, (z, t, lse, n_valid, logits.shape)

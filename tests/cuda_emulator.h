@@ -1,0 +1,390 @@
+// The CUDA emulator's prelude (tests/cuda_emulator.py): what a kernel source needs from CUDA,
+// in plain C++17, so that g++ compiles the kernel text CuPy compiles and runs it on the CPU.
+//
+// A thread block runs on one OS thread as blockDim fibers (stackful coroutines). A fiber runs
+// until it reaches a synchronisation point and then yields to the scheduler:
+//   __syncthreads     the fiber waits until every thread of the block that has not exited is
+//                     waiting too
+//   warp collectives  (__shfl_*_sync, __syncwarp, and any primitive built on emu::warp_gather)
+//                     the fiber leaves its lane's bytes in the warp's exchange and waits until
+//                     every lane of the mask has left its own; then each reads what it needs
+// Between two synchronisation points the ready fibers run one after another in a seeded random
+// order, so a kernel that reads shared memory another thread writes without a barrier between
+// them reads a stale or poisoned value. Shared memory (static and dynamic) is filled with 0xff
+// bytes (NaN in float and double) before each block.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <csetjmp>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <ucontext.h>
+#include <utility>
+#include <vector>
+#include <sys/mman.h>
+
+#define MINIGPT2_EMULATOR 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// every __shared__ variable of the module lives in one section, poisoned before each block
+#define __shared__ static __attribute__((section("emu_shared")))
+
+using std::exp; using std::log; using std::sqrt; using std::tanh; using std::fmax;
+using std::fmin; using std::min; using std::max; using std::abs; using std::floor;
+using std::ceil; using std::pow; using std::fabs;
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 { unsigned x, y, z; };
+
+namespace emu {
+
+constexpr int WARP = 32;
+constexpr int SLOT_BYTES = 256;     // the most bytes one lane brings to one warp collective
+
+enum State { READY, AT_BARRIER, AT_WARP, DONE };
+
+struct Fiber {
+    jmp_buf ctx;                     // where the fiber resumes
+    ucontext_t start;                // how it starts (once per launch)
+    char* stack = nullptr;
+    uint3 tid;
+    int linear = 0, lane = 0, warp = 0;
+    State state = DONE;
+    unsigned mask = 0;               // the warp collective's member mask
+    unsigned long long generation = 0;   // warp collectives this lane has passed
+};
+
+struct WarpSlots { unsigned char bytes[2][WARP][SLOT_BYTES]; };
+
+struct Launch {
+    std::vector<Fiber> fibers;
+    std::vector<WarpSlots> warps;
+    jmp_buf scheduler;
+    std::string error;
+    void (*body)() = nullptr;        // runs the kernel for the current thread
+};
+
+inline Launch* L = nullptr;
+inline Fiber* cur = nullptr;
+inline uint3 block_idx;
+inline dim3 block_dim, grid_dim;
+inline unsigned char* dynamic_smem = nullptr;
+
+[[noreturn]] inline void fail(const std::string& what) {
+    // unwinding through the fibers' stacks is not possible: record and return to the scheduler
+    if (L->error.empty()) L->error = what;
+    cur->state = DONE;
+    _longjmp(L->scheduler, 2);
+}
+
+inline void yield(State s) {
+    cur->state = s;
+    if (_setjmp(cur->ctx) == 0) _longjmp(L->scheduler, 1);
+}
+
+// Every lane of `mask` leaves SIZE bytes; when all have, `all` receives the 32 lanes' bytes
+// (lanes outside the mask: unspecified). The building block of every warp collective.
+inline void warp_gather(unsigned mask, const void* mine, size_t size, void* all) {
+    if (size > SLOT_BYTES) fail("warp_gather: more than SLOT_BYTES bytes per lane");
+    if (!(mask >> cur->lane & 1u)) fail("a warp collective called by a lane outside its mask");
+    WarpSlots& w = L->warps[cur->warp];
+    int g = cur->generation & 1;
+    std::memcpy(w.bytes[g][cur->lane], mine, size);
+    cur->mask = mask;
+    yield(AT_WARP);
+    for (int l = 0; l < WARP; ++l)
+        std::memcpy(static_cast<unsigned char*>(all) + l * size, w.bytes[g][l], size);
+    ++cur->generation;
+}
+
+template<class V> inline V shuffle(unsigned mask, V v, int src, int width) {
+    static_assert(sizeof(V) <= 8, "shuffle of a value over 8 bytes");
+    V all[WARP];
+    warp_gather(mask, &v, sizeof(V), all);
+    int base = cur->lane / width * width;
+    if (src < base || src >= base + width) return v;    // outside the lane's segment
+    if (!(mask >> src & 1u)) fail("a shuffle reads a lane outside its mask");
+    return all[src];
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::cur->tid)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+constexpr int warpSize = 32;
+
+inline void __syncthreads() { emu::yield(emu::AT_BARRIER); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    char none = 0, all[32];
+    emu::warp_gather(mask, &none, 1, all);
+}
+template<class V> inline V __shfl_sync(unsigned mask, V v, int src, int width = 32) {
+    return emu::shuffle(mask, v, emu::cur->lane / width * width + src % width, width);
+}
+template<class V> inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = 32) {
+    return emu::shuffle(mask, v, emu::cur->lane ^ lane_mask, width);
+}
+template<class V> inline V __shfl_down_sync(unsigned mask, V v, unsigned d, int width = 32) {
+    return emu::shuffle(mask, v, emu::cur->lane + (int)d, width);
+}
+template<class V> inline V __shfl_up_sync(unsigned mask, V v, unsigned d, int width = 32) {
+    return emu::shuffle(mask, v, emu::cur->lane - (int)d, width);
+}
+
+// atomics: the block's threads run one at a time, so a read-modify-write is atomic
+template<class V> inline V atomicAdd(V* p, V v) { V old = *p; *p = old + v; return old; }
+template<class V> inline V atomicMax(V* p, V v) { V old = *p; *p = old > v ? old : v; return old; }
+template<class V> inline V atomicMin(V* p, V v) { V old = *p; *p = old < v ? old : v; return old; }
+template<class V> inline V atomicExch(V* p, V v) { V old = *p; *p = v; return old; }
+template<class V> inline V atomicCAS(V* p, V cmp, V v) { V old = *p; if (old == cmp) *p = v; return old; }
+
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+inline long long __double_as_longlong(double d) { long long i; std::memcpy(&i, &d, 8); return i; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+
+// ---- float16: IEEE binary16, round to nearest even (cvt.rn.f16.f32) ---------------------------
+inline unsigned short float_to_half(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u);  // NaN, inf
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;          // >= 65520 rounds to infinity
+    if (ax < 0x38800000u) {                                // below 2^-14: a subnormal half
+        float a;
+        std::memcpy(&a, &ax, 4);
+        return sign | (uint32_t)std::nearbyint(a * 16777216.0f);   // units of 2^-24, exact
+    }
+    uint32_t r = ax - 0x38000000u;                         // the exponent rebiased 127 -> 15
+    r += 0xfffu + ((r >> 13) & 1u);                        // round the 13 dropped bits to even
+    return sign | (r >> 13);
+}
+inline float half_to_float(unsigned short h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, x;
+    if (e == 0) {                                          // zero or subnormal: m 2^-24
+        float f = (float)m * 5.9604644775390625e-08f;
+        std::memcpy(&x, &f, 4);
+        x |= sign;
+    } else if (e == 31) {
+        x = sign | 0x7f800000u | (m << 13);
+    } else {
+        x = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+struct __half {                      // CuPy's float16 class in ElementwiseKernel code
+    unsigned short bits;
+    __half() = default;
+    __half(float f) : bits(float_to_half(f)) {}
+    __half(double d) : bits(float_to_half((float)d)) {}
+    __half(int i) : bits(float_to_half((float)i)) {}
+    operator float() const { return half_to_float(bits); }
+};
+typedef __half float16;
+inline float __half2float(__half h) { return (float)h; }
+inline __half __float2half(float f) { return __half(f); }
+
+// ---- the scheduler ------------------------------------------------------------------------------
+namespace emu {
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+inline void fiber_main() {
+    // parked at once: the scheduler's first resume of the fiber runs its first block
+    if (_setjmp(cur->ctx) == 0) _longjmp(L->scheduler, 1);
+    for (;;) {                       // one pass per block; the scheduler resets the state
+        L->body();
+        cur->state = DONE;
+        if (_setjmp(cur->ctx) == 0) _longjmp(L->scheduler, 1);
+    }
+}
+
+inline void poison_shared(size_t dynamic_bytes) {
+    if (__start_emu_shared && __stop_emu_shared)
+        std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+    if (dynamic_bytes) std::memset(dynamic_smem, 0xff, dynamic_bytes);
+}
+
+// Resumes the fibers until every one is done with the block; returns false on an error.
+inline bool run_block(std::mt19937_64& rng) {
+    int n = (int)L->fibers.size();
+    for (Fiber& f : L->fibers) { f.state = READY; f.generation = 0; }
+    std::vector<int> order(n);
+    for (;;) {
+        for (int i = 0; i < n; ++i) order[i] = i;
+        std::shuffle(order.begin(), order.end(), rng);
+        for (int i : order) {
+            Fiber& f = L->fibers[i];
+            if (f.state != READY) continue;
+            cur = &f;
+            if (_setjmp(L->scheduler) == 0) _longjmp(f.ctx, 1);
+            if (!L->error.empty()) return false;
+        }
+        bool progress = false, waiting = false;
+        for (size_t w = 0; w * WARP < (size_t)n; ++w) {       // warp collectives complete?
+            Fiber* lanes = &L->fibers[w * WARP];
+            int count = std::min(WARP, n - (int)(w * WARP));
+            unsigned mask = 0, at = 0;
+            for (int l = 0; l < count; ++l)
+                if (lanes[l].state == AT_WARP) { mask = lanes[l].mask; at |= 1u << l; }
+            if (!at) continue;
+            waiting = true;
+            for (int l = 0; l < WARP; ++l) {
+                if (!(mask >> l & 1u)) continue;
+                if (l >= count || lanes[l].state == DONE) {
+                    L->error = "a warp collective waits for a lane that has exited or does not "
+                               "exist (mask " + std::to_string(mask) + ")";
+                    return false;
+                }
+            }
+            if ((at & mask) != mask) continue;                 // some lanes still on their way
+            int first = __builtin_ctz(at);
+            for (int l = 0; l < count; ++l)
+                if ((at >> l & 1u) && (lanes[l].mask != mask ||
+                                       lanes[l].generation != lanes[first].generation)) {
+                    L->error = "lanes of one warp meet at different collectives";
+                    return false;
+                }
+            for (int l = 0; l < count; ++l)
+                if (at >> l & 1u) lanes[l].state = READY;
+            progress = true;
+        }
+        if (progress) continue;
+        bool all_done = true, all_barrier = true;
+        for (Fiber& f : L->fibers) {
+            if (f.state != DONE) all_done = false;
+            if (f.state != DONE && f.state != AT_BARRIER) all_barrier = false;
+        }
+        if (all_done) return true;
+        if (all_barrier && !waiting) {
+            for (Fiber& f : L->fibers)
+                if (f.state == AT_BARRIER) f.state = READY;
+            continue;
+        }
+        L->error = "deadlock: threads wait at __syncthreads while others wait in a warp "
+                   "collective (a barrier or a shuffle in divergent code)";
+        return false;
+    }
+}
+
+// Runs body() for every thread of every block. Returns "" or what went wrong.
+inline std::string launch(void (*body)(), dim3 grid, dim3 block, size_t dynamic_bytes,
+                          unsigned char* dynamic, unsigned long long seed) {
+    Launch launch;
+    L = &launch;
+    launch.body = body;
+    grid_dim = grid;
+    block_dim = block;
+    dynamic_smem = dynamic;
+    int n = block.x * block.y * block.z;
+    launch.fibers.resize(n);
+    launch.warps.resize((n + WARP - 1) / WARP);
+    static std::vector<char*> stacks;        // kept between launches: mmap is not free
+    while ((int)stacks.size() < n) {
+        void* s = mmap(nullptr, STACK_BYTES, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (s == MAP_FAILED) return "mmap of a fiber stack failed";
+        stacks.push_back(static_cast<char*>(s));
+    }
+    ucontext_t here;
+    for (int t = 0; t < n; ++t) {
+        Fiber& f = launch.fibers[t];
+        f.stack = stacks[t];
+        f.linear = t;
+        f.tid = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+        f.lane = t % WARP;
+        f.warp = t / WARP;
+        getcontext(&f.start);
+        f.start.uc_stack.ss_sp = f.stack;
+        f.start.uc_stack.ss_size = STACK_BYTES;
+        f.start.uc_link = nullptr;
+        makecontext(&f.start, fiber_main, 0);
+        // start it once, to its first _setjmp: fiber_main runs the kernel only when resumed
+        cur = &f;
+        f.state = DONE;
+        if (_setjmp(launch.scheduler) == 0) swapcontext(&here, &f.start);
+    }
+    std::mt19937_64 rng(seed);
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                block_idx = {x, y, z};
+                poison_shared(dynamic_bytes);
+                if (!run_block(rng)) {
+                    L = nullptr;
+                    return launch.error + " (block " + std::to_string(x) + ", " +
+                           std::to_string(y) + ", " + std::to_string(z) + ")";
+                }
+            }
+    L = nullptr;
+    return "";
+}
+
+// The parameter list of a kernel, one code per parameter: "p" + kind + size for a pointer
+// (kind f float, i signed, u unsigned), or kind + size for a value: "pf4,pf4,i4,f8".
+template<class P> std::string type_code() {
+    typedef std::remove_cv_t<std::remove_pointer_t<P>> V;
+    std::string kind = std::is_floating_point_v<V> ? "f" : std::is_same_v<V, __half> ? "f"
+                     : std::is_signed_v<V> ? "i" : "u";
+    return (std::is_pointer_v<P> ? "p" : "") + kind + std::to_string(sizeof(V));
+}
+template<class... P> std::string signature(void (*)(P...)) {
+    std::string s;
+    ((s += (s.empty() ? "" : ",") + type_code<P>()), ...);
+    return s;
+}
+template<class P> P argument(void* a) {
+    if constexpr (std::is_pointer_v<P>) return static_cast<P>(a);
+    else return *static_cast<P*>(a);
+}
+template<class... P, size_t... I>
+void call(void (*k)(P...), void** args, std::index_sequence<I...>) {
+    k(argument<P>(args[I])...);
+}
+
+}  // namespace emu
+
+// One exported pair per kernel instance: its signature and its launch. emu_kernel_ID: a
+// constexpr pointer to the instance.
+template<class... P> constexpr size_t emu_arity(void (*)(P...)) { return sizeof...(P); }
+#define EMU_EXPORT(ID)                                                                    \
+    extern "C" const char* emu_signature_##ID() {                                         \
+        static std::string s = emu::signature(emu_kernel_##ID);                           \
+        return s.c_str();                                                                 \
+    }                                                                                     \
+    static void** emu_args_##ID;                                                          \
+    static void emu_body_##ID() {                                                         \
+        emu::call(emu_kernel_##ID, emu_args_##ID,                                         \
+                  std::make_index_sequence<emu_arity(emu_kernel_##ID)>());                \
+    }                                                                                     \
+    extern "C" int emu_launch_##ID(const unsigned* geometry, unsigned long long dynamic_bytes, \
+                                   unsigned char* dynamic, void** args,                  \
+                                   unsigned long long seed, char* error, int error_size) { \
+        emu_args_##ID = args;                                                             \
+        std::string e = emu::launch(emu_body_##ID, {geometry[0], geometry[1], geometry[2]}, \
+                                    {geometry[3], geometry[4], geometry[5]}, dynamic_bytes, \
+                                    dynamic, seed);                                       \
+        std::snprintf(error, error_size, "%s", e.c_str());                                \
+        return e.empty() ? 0 : 1;                                                         \
+    }
