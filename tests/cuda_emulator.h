@@ -9,8 +9,9 @@
 //                     the fiber leaves its lane's bytes in the warp's exchange and waits until
 //                     every lane of the mask has left its own; then each reads what it needs
 // Between two synchronisation points the ready fibers run one after another in a seeded random
-// order, so a kernel that reads shared memory another thread writes without a barrier between
-// them reads a stale or poisoned value. Shared memory (static and dynamic) is filled with 0xff
+// order, one warp at a time (the warp drawn at random, so one warp may run many warp collectives
+// ahead of another until a __syncthreads), so a kernel that reads shared memory another thread
+// writes without a barrier between them reads a stale or poisoned value. Shared memory (static and dynamic) is filled with 0xff
 // bytes (NaN in float and double) before each block.
 #pragma once
 #include <algorithm>
@@ -230,10 +231,22 @@ inline void poison_shared(size_t dynamic_bytes) {
 inline bool run_block(std::mt19937_64& rng) {
     int n = (int)L->fibers.size();
     for (Fiber& f : L->fibers) { f.state = READY; f.generation = 0; }
-    std::vector<int> order(n);
+    std::vector<int> order, ready_warps;
     for (;;) {
-        for (int i = 0; i < n; ++i) order[i] = i;
-        std::shuffle(order.begin(), order.end(), rng);
+        // one warp runs at a time, drawn at random among those with a ready thread, so a warp
+        // may get many warp collectives ahead of another between two __syncthreads
+        ready_warps.clear();
+        for (int w = 0; w * WARP < n; ++w)
+            for (int i = w * WARP; i < std::min(n, (w + 1) * WARP); ++i)
+                if (L->fibers[i].state == READY) { ready_warps.push_back(w); break; }
+        if (!ready_warps.empty()) {
+            int w = ready_warps[rng() % ready_warps.size()];
+            order.clear();
+            for (int i = w * WARP; i < std::min(n, (w + 1) * WARP); ++i) order.push_back(i);
+            std::shuffle(order.begin(), order.end(), rng);
+        } else {
+            order.clear();
+        }
         for (int i : order) {
             Fiber& f = L->fibers[i];
             if (f.state != READY) continue;
@@ -241,7 +254,7 @@ inline bool run_block(std::mt19937_64& rng) {
             if (_setjmp(L->scheduler) == 0) _longjmp(f.ctx, 1);
             if (!L->error.empty()) return false;
         }
-        bool progress = false, waiting = false;
+        bool progress = !ready_warps.empty(), waiting = false;
         for (size_t w = 0; w * WARP < (size_t)n; ++w) {       // warp collectives complete?
             Fiber* lanes = &L->fibers[w * WARP];
             int count = std::min(WARP, n - (int)(w * WARP));
