@@ -338,3 +338,51 @@ def test_source_compiles_with_nvcc(tmp_path, element):
                              str(tmp_path / "flash_tc.cubin"), str(src)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
+
+
+# ---- in the GPU layer set, behind gpu_layers.GPU_FLASH_TC ----------------------------------------
+
+
+def test_switch_off_by_default_and_on_runs_the_model_through_the_kernel(monkeypatch):
+    """A float16 model (hs 64) through gpu_layers.FLOAT16 with GPU_FLASH_TC on: the forward's
+    attention is the tensor-core kernel, the backward flash_kernels' (its cache), and the loss
+    and every gradient follow the float32 reference to the float16 tolerance of the GPU tests."""
+    from minigpt2 import GPT, GPTConfig
+    from minigpt2.gradcheck import rel_error
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=70, vocab_size=50)
+    rng = np.random.default_rng(0)
+    idx, targets = rng.integers(0, 50, (2, 70)), rng.integers(0, 50, (2, 70))
+    want = GPT(cfg, seed=0, layers="reference")
+    loss_want = float(want.forward(idx, targets)[1])
+    g_want = want.backward()
+    with emulated_cupy.emulated() as ns:
+        assert ns.gpu_layers.GPU_FLASH_TC is False          # nothing verified on a GPU yet
+        calls = []
+        kernel_forward = ns.flash_tc_kernels.attention_forward
+        monkeypatch.setattr(ns.flash_tc_kernels, "attention_forward",
+                            lambda *a: calls.append(a) or kernel_forward(*a))
+        monkeypatch.setattr(ns.gpu_layers, "GPU_FLASH_TC", True)
+        model = GPT(cfg, seed=0, precision="float16")
+        model.layers = ns.gpu_layers.FLOAT16
+        loss = float(model.forward(idx, targets)[1])
+        got = model.backward()
+    assert len(calls) == 1                                  # one layer, one forward
+    assert abs(loss - loss_want) < 3e-2 * loss_want
+    for name in g_want:
+        assert got[name].dtype == np.float32 and rel_error(got[name], g_want[name]) < 3e-2, name
+
+
+# ---- on a GPU (.ci/gpu-check) ---------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("element", ["float16", "bfloat16"])
+@pytest.mark.parametrize("T, hs", [(1, 64), (77, 64), (1024, 64), (130, 128), (1024, 128)])
+def test_forward_on_the_gpu_equals_the_reference_layers(element, T, hs):
+    import cupy as cp
+    qkv, exact = case(2, T, 3, hs, element, seed=T + hs)
+    y, cache = tc.attention_forward(cp.asarray(qkv), 3, element)
+    y_ref, lse_ref = reference(exact, 3)
+    y = value(cp.asnumpy(y), element)
+    assert np.abs(y - y_ref).max() < TOL[element] * np.abs(y_ref).max()
+    np.testing.assert_allclose(cp.asnumpy(cache.lse), lse_ref, rtol=1e-4, atol=1e-4)

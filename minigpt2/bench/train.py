@@ -43,8 +43,9 @@ def add_arguments(p):
     p.add_argument("--torch-attention", default="sdpa,eager,compile",
                    help="GPU: the PyTorch rows, of sdpa, eager and compile (torch.compile of the "
                         "sdpa model) (default all three)")
-    p.add_argument("--attention", choices=["flash", "stored"], default="flash",
-                   help="GPU: minigpt2's attention, the flash kernels (default) or the stored "
+    p.add_argument("--attention", choices=["flash", "flash-tc", "stored"], default="flash",
+                   help="GPU: minigpt2's attention, the flash kernels (default), flash-tc (the "
+                        "float16 forward on tensor cores, flash_tc_kernels.py) or the stored "
                         "(B, H, T, T) matrix")
     p.add_argument("--best-batch", action="store_true",
                    help="GPU: also search the batch size that gives minigpt2 the most tokens/s "

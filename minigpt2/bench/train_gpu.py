@@ -182,7 +182,8 @@ def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False
     from ..fast import gpu_layers
     from ..model import GPT
     from ..optim import AdamW, LossScaler, global_norm
-    gpu_layers.GPU_FLASH = attention == "flash"
+    gpu_layers.GPU_FLASH = attention in ("flash", "flash-tc")
+    gpu_layers.GPU_FLASH_TC = attention == "flash-tc"     # float16, hs 64 and 128 only
     model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute,
                 pad_vocab=pad_vocab)
     model.on_block = memory.sample
@@ -374,7 +375,7 @@ def print_rows(args, cfg, precision, B, rows):
     skipped = f"; skipped steps {ours['skipped_steps']}" if "skipped_steps" in ours else ""
     print(f"  minigpt2 losses on the fixed batch, step by step: {losses}{skipped}")
     from ..fast.flash_kernels import supports
-    flash = args.attention == "flash" and supports(np.float16 if precision == "float16"
+    flash = args.attention in ("flash", "flash-tc") and supports(np.float16 if precision == "float16"
                                                    else np.float32, cfg.n_embd // cfg.n_head)
     est = estimate_memory(cfg, B, T, precision=precision, recompute=args.recompute,
                           tiled_attention=flash)

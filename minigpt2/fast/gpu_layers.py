@@ -11,6 +11,8 @@ Attention runs the FlashAttention kernels of ``flash_kernels.py`` (tiled, linear
 probabilities recomputed in the backward from one log-sum-exp per row) for the head sizes they are
 compiled for and without attention dropout; otherwise, or with ``GPU_FLASH = False`` (the GPU
 bench's ``--attention stored``), the stored (B, H, T, T) form with its softmax in one kernel.
+With ``GPU_FLASH_TC = True`` (``--attention flash-tc``) the float16 forward at head sizes 64 and
+128 runs on tensor cores (``flash_tc_kernels.py``) instead; off by default until measured.
 
 ``FLOAT16`` is the set for float16 activations: the same, with the stored attention's four batched
 matrix products sent to cuBLAS directly (``kernels.batched_matmul``), which reads the strided heads
@@ -30,7 +32,7 @@ from types import SimpleNamespace
 import cupy as cp
 import numpy as np
 
-from . import flash_kernels, kernels
+from . import flash_kernels, flash_tc_kernels, kernels
 from .cpu_attention import qkv_heads
 from .cpu_layers import gelu_backward
 from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
@@ -39,6 +41,9 @@ from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step
 
 # the flash kernels run the attention where they apply; False: always the stored form
 GPU_FLASH = True
+# True: float16 attention forwards (hs 64, 128) on the tensor-core kernel of flash_tc_kernels.py
+# (its backward: flash_kernels'). Off until it is measured on a GPU: see docs/gpu.md
+GPU_FLASH_TC = False
 
 # LayerNorm: one warp per row (kernels.layernorm_forward / layernorm_backward)
 layernorm_forward = kernels.layernorm_forward
@@ -148,6 +153,8 @@ def _flash_or(stored_forward, stored_backward):
     forms elsewhere; the backward follows the forward's choice (the type of its cache)."""
     def forward(qkv, n_head, dropout_p=0.0, rng=None):
         if _flash(qkv, n_head, dropout_p, rng):
+            if GPU_FLASH_TC and flash_tc_kernels.supports(qkv.dtype, qkv.shape[-1] // (3 * n_head)):
+                return flash_tc_kernels.attention_forward(qkv, n_head)
             return flash_kernels.attention_forward(qkv, n_head)
         return stored_forward(qkv, n_head, dropout_p, rng)
 
