@@ -1,8 +1,9 @@
-"""The tensor-core FlashAttention forward (minigpt2/fast/flash_tc_kernels.py) under the CUDA
-emulator: each emulated PTX primitive against NumPy and the PTX ISA's fragment layouts, then the
-kernel against ``layers.attention_forward`` on awkward shapes in float16 and bfloat16, and the
-negative controls (a wrong fragment index, a missing barrier, a missing cp.async wait, a causal
-skip or mask off by one), each caught."""
+"""The tensor-core FlashAttention kernels (minigpt2/fast/flash_tc_kernels.py) under the CUDA
+emulator: each emulated PTX primitive (minigpt2/fast/ptx.py) against NumPy and the PTX ISA's
+fragment layouts, then the forward and backward against ``layers.flash_attention_forward`` /
+``_backward`` on awkward shapes in float16 and bfloat16, and the negative controls (a wrong
+fragment index or operand, a missing barrier, a missing cp.async wait, a causal skip or mask off
+by one), each caught."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import emulated_cupy
 from cuda_emulator import EmulatorError, RawModule
 from minigpt2 import layers
 from minigpt2.fast import flash_tc_kernels as tc
+from minigpt2.fast.ptx import PTX
 
 # ---- 16-bit words in NumPy ----------------------------------------------------------------------
 
@@ -41,7 +43,7 @@ def value(w, element):
 
 # ---- the primitives -----------------------------------------------------------------------------
 
-TEST_KERNELS = tc.PTX + r"""
+TEST_KERNELS = PTX + r"""
 // lane l's registers in, the instruction, its registers out: the layouts are the test's business
 template<class E>
 __global__ void mma_test(const unsigned* a, const unsigned* b, float* d) {
@@ -213,18 +215,24 @@ def test_pack2_rounds_to_nearest_even(prims, element):
 # ---- the kernel ---------------------------------------------------------------------------------
 
 
-def run(qkv_words, n_head, element, source=None):
-    """y (float64 of its words), lse from ``attention_forward`` under the emulator."""
+def run(qkv_words, n_head, element, source=None, dy_words=None):
+    """y (float64 of its words), lse and, given dy, dqkv (float64) from the kernels under the
+    emulator, through ``attention_forward`` and ``attention_backward``."""
     with emulated_cupy.emulated() as ns:
         if source is not None:
             ns.flash_tc_kernels.SOURCE = source
         y, cache = ns.flash_tc_kernels.attention_forward(qkv_words, n_head, element)
-    return value(y, element), cache.lse
+        if dy_words is None:
+            return value(y, element), cache.lse
+        return value(y, element), cache.lse, value(
+            ns.flash_tc_kernels.attention_backward(dy_words, cache, element), element)
 
 
-def reference(qkv, n_head):
+def reference(qkv, n_head, dy=None):
     y, cache = layers.flash_attention_forward(qkv, n_head)
-    return y, cache[4]
+    if dy is None:
+        return y, cache[4]
+    return y, cache[4], layers.flash_attention_backward(dy, cache)
 
 
 def case(B, T, H, hs, element, seed=0):
@@ -248,74 +256,129 @@ def test_forward_equals_the_reference_layers(element, B, T, H, hs):
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
 
 
-def caught(source, T=200, hs=64, element="float16"):
-    """True when the kernel built from ``source`` fails the comparison, computes NaN, or makes
-    the emulator report a fault."""
-    qkv, exact = case(2, T, 1, hs, element, seed=7)
+# of max |dq|, |dk|, |dv|: P and dS are rounded too (measured: float16 8e-4, bfloat16 5.7e-3)
+BACKWARD_TOL = {"float16": 3e-3, "bfloat16": 2e-2}
+
+
+def close(got, want, tol):
+    """Finite and within tol of max |want| (at least 1e-3: at T = 1, dq and dk are exactly 0)."""
+    scale = max(np.abs(want).max(), 1e-3)
+    return bool(np.isfinite(got).all() and np.abs(got - want).max() < tol * scale)
+
+
+@pytest.mark.parametrize("element", ["float16", "bfloat16"])
+@pytest.mark.parametrize("B, T, H, hs", [(1, 1, 1, 64), (2, 77, 2, 64), (1, 130, 1, 128)])
+def test_backward_equals_the_reference_layers(element, B, T, H, hs):
+    qkv, exact = case(B, T, H, hs, element, seed=T + hs + 1)
+    dy, dy_exact = words(np.random.default_rng(T).standard_normal((B, T, H * hs)), element)
+    _, _, dqkv = run(qkv, H, element, dy_words=dy)
+    _, _, dqkv_ref = reference(exact, H, dy_exact)
+    C = H * hs
+    for part in range(3):                                   # dq, dk, dv each to its own scale
+        sl = slice(part * C, (part + 1) * C)
+        assert close(dqkv[..., sl], dqkv_ref[..., sl], BACKWARD_TOL[element]), part
+
+
+def caught(source, backward=False, T=200, element="float16"):
+    """True when the kernels built from ``source`` fail the comparison with the reference
+    (forward, or with ``backward`` the backward too), compute NaN, or make the emulator report a
+    fault."""
+    qkv, exact = case(2, T, 1, 64, element, seed=7)
+    dy, dy_exact = words(np.random.default_rng(8).standard_normal((2, T, 64)), element)
     try:
-        y, lse = run(qkv, 1, element, source)
+        got = run(qkv, 1, element, source, dy if backward else None)
     except EmulatorError:
         return True
-    y_ref, lse_ref = reference(exact, 1)
-    return not (np.isfinite(y).all() and np.abs(y - y_ref).max() < TOL[element] * np.abs(y_ref).max()
-                and np.allclose(lse, lse_ref, rtol=1e-5, atol=1e-5))
+    want = reference(exact, 1, dy_exact if backward else None)
+    ok = close(got[0], want[0], TOL[element]) and np.allclose(got[1], want[1], rtol=1e-5,
+                                                                  atol=1e-5)
+    if backward:
+        ok = ok and close(got[2], want[2], BACKWARD_TOL[element])
+    return not ok
 
 
-MUTATIONS = {   # name: (text of the kernel, what it becomes)
+# name: (text of the kernels, what it becomes, its occurrence (0: the first), backward?)
+MUTATIONS = {
     "wrong fragment index (P's A register 1 from the next column tile)": (
-        "pa[kk][1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);",
-        "pa[kk][1] = pack2<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);"),
-    "K's fragments through ldmatrix .trans": ("ldmatrix_x4(kb, ", "ldmatrix_x4_trans(kb, "),
+        "a[kk][1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);",
+        "a[kk][1] = pack2<E>(s[2 * kk + 1][0], s[2 * kk + 1][1]);", 0, False),
+    "K's fragments through ldmatrix .trans": ("ldmatrix_x4(kb, ", "ldmatrix_x4_trans(kb, ", 0, False),
     "tiles written unswizzled, read swizzled": (
         "cp_async_16(pipe, tile + swz<HS>(row, col), from, valid);",
-        "cp_async_16(pipe, tile + row * HS + col, from, valid);"),
+        "cp_async_16(pipe, tile + row * HS + col, from, valid);", 0, False),
     "missing barrier after the copies land": (
-        "        __syncthreads();                             // ... for every thread's copies\n", ""),
+        "        __syncthreads();                             // ... for every thread's copies\n",
+        "", 0, False),
     "missing barrier before a buffer is refilled": (
         "        __syncthreads();                             // every warp is done with buffer `buf`\n",
-        ""),
-    "missing cp.async wait": ("            cp_async_wait<1>(pipe);", ""),
-    "cp.async wait for the wrong group": ("cp_async_wait<1>(pipe);", "cp_async_wait<2>(pipe);"),
+        "", 0, False),
+    "missing cp.async wait": ("        cp_async_wait<1>(pipe);\n", "", 0, False),
+    "cp.async wait for the wrong group": ("cp_async_wait<1>(pipe);", "cp_async_wait<2>(pipe);", 0,
+                                          False),
     "causal tile skip off by one (the diagonal tile skipped)": (
-        "(min(T_, q0 + TC_BR) + TC_BC - 1) / TC_BC;", "(min(T_, q0 + TC_BR) + TC_BC - 1) / TC_BC - 1;"),
-    "causal mask off by one": ("key > row ||", "key > row + 1 ||"),
+        "(min(T_, q0 + TC_BR) + TC_BC - 1) / TC_BC;", "(min(T_, q0 + TC_BR) + TC_BC - 1) / TC_BC - 1;",
+        0, False),
+    "causal mask off by one": ("key > row ||", "key > row + 1 ||", 0, False),
     "diagonal tiles of a warp left unmasked": (
-        "k0 + TC_BC - 1 > q0 + warp * 16 ||", "k0 + TC_BC - 1 > q0 + warp * 16 + 16 ||"),
+        "k0 + TC_BC - 1 > q0 + warp * 16 ||", "k0 + TC_BC - 1 > q0 + warp * 16 + 16 ||", 0, False),
+    "backward dq: the diagonal key tile skipped": (
+        "(min(T_, q0 + TC_BR) + TC_BC - 1) / TC_BC;", "(min(T_, q0 + TC_BR) + TC_BC - 1) / TC_BC - 1;",
+        1, True),
+    "backward dq: causal mask off by one": ("key > row_lo + 8 * r ||", "key > row_lo + 8 * r + 1 ||",
+                                            0, True),
+    "backward dk/dv: dV from dS instead of P (wrong operand)": (
+        "add_times_tile<E, HS>(dv, pa, gt, lane);", "add_times_tile<E, HS>(dv, da, gt, lane);", 0, True),
+    "backward dk/dv: causal mask off by one": ("query < key ||", "query <= key ||", 0, True),
+    "backward dk/dv: the diagonal query tile skipped": (
+        "const int first = k0 / TC_BR,", "const int first = k0 / TC_BR + 1,", 0, True),
+    "backward dk/dv: diagonal tiles of a warp left unmasked": (
+        "i0 < k0 + warp * 16 + 15 ||", "i0 < k0 + warp * 16 ||", 0, True),
+    "backward dk/dv: missing barrier before a buffer is refilled": (
+        "        __syncthreads();\n    }\n    const float one[2]", "    }\n    const float one[2]", 0,
+        True),
 }
 
 
+def mutated(old, new, nth):
+    parts = tc.SOURCE.split(old)
+    assert len(parts) > nth + 1, "the mutation no longer applies to the kernels' text"
+    return old.join(parts[:nth + 1]) + new + old.join(parts[nth + 1:])
+
+
 def test_the_unchanged_source_passes_the_controls_check():
-    assert not caught(tc.SOURCE)
+    assert not caught(tc.SOURCE, backward=True)
 
 
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_negative_control_is_caught(name):
-    old, new = MUTATIONS[name]
-    assert tc.SOURCE.count(old) == 1, "the mutation no longer applies to the kernel's text"
-    assert caught(tc.SOURCE.replace(old, new))
+    old, new, nth, backward = MUTATIONS[name]
+    assert caught(mutated(old, new, nth), backward)
 
 
 def test_launch_geometry_and_the_shared_memory_opt_in():
-    assert tc.launch(8, 1024, 12, 64) == ((96, 16), (128,), 40960)
-    assert tc.launch(1, 65, 1, 128) == ((1, 2), (128,), 81920)
+    assert tc.launch("flash_tc_forward", 8, 1024, 12, 64) == ((96, 16), (128,), 40960)
+    assert tc.launch("flash_tc_backward_dq", 8, 1024, 12, 64).shared_mem == 49152
+    assert tc.launch("flash_tc_backward_dkv", 1, 65, 1, 128) == ((1, 2), (128,), 98304)
     with pytest.raises(ValueError, match="head sizes"):
-        tc.launch(1, 64, 1, 96)
+        tc.launch("flash_tc_forward", 1, 64, 1, 96)
     with pytest.raises(ValueError, match="grid"):
-        tc.launch(1, 64 * 65536, 1, 64)
-    # 80 KiB needs the kernel's opt-in, which _kernel sets: without it the launch is refused
+        tc.launch("flash_tc_forward", 1, 64 * 65536, 1, 64)
+    # 80 KiB needs the kernel's opt-in, which _kernels sets: without it the launch is refused
     qkv, _ = case(1, 64, 1, 128, "float16")
-    name = tc.name_expression("float16", 128)
+    name = tc.name_expression("flash_tc_forward", "float16", 128)
     kernel = RawModule(code=tc.SOURCE, name_expressions=[name]).get_function(name)
     args = (qkv, np.empty((1, 64, 128), np.float16), np.empty((1, 1, 64), np.float32),
             np.int32(64), np.int32(1), np.float32(0.1))
     with pytest.raises(EmulatorError, match="max_dynamic_shared_size_bytes"):
-        tc.launch(1, 64, 1, 128)(kernel, args)
+        tc.launch("flash_tc_forward", 1, 64, 1, 128)(kernel, args)
 
 
 def test_refuses_what_it_is_not_written_for():
     with emulated_cupy.emulated() as ns:
-        with pytest.raises(ValueError, match="needs qkv of dtype uint16"):
+        with pytest.raises(ValueError, match="needs arrays of dtype uint16"):
             ns.flash_tc_kernels.attention_forward(np.zeros((1, 4, 192), np.float16), 1, "bfloat16")
+        with pytest.raises(ValueError, match="needs arrays of dtype uint16"):
+            ns.flash_tc_kernels.attention_backward(np.zeros((1, 4, 64), np.float16), None, "bfloat16")
         with pytest.raises(ValueError, match="element must be one of"):
             ns.flash_tc_kernels.attention_forward(np.zeros((1, 4, 192), np.float16), 1, "float32")
     assert tc.supports(np.float16, 64) and tc.supports(np.float16, 128)
@@ -331,7 +394,7 @@ def test_source_compiles_with_nvcc(tmp_path, element):
     if nvcc is None:
         pytest.skip("nvcc (the CUDA toolkit) is not installed")
     src = tmp_path / "flash_tc.cu"
-    names = [tc.name_expression(element, hs) for hs in tc.HEAD_SIZES]
+    names = [tc.name_expression(k, element, hs) for k in tc.KERNELS for hs in tc.HEAD_SIZES]
     src.write_text(tc.SOURCE + "\nvoid* minigpt2_instances[] = {"
                    + ", ".join(f"(void*)&{n}" for n in names) + "};\n")
     result = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-std=c++17", "-o",
@@ -344,9 +407,9 @@ def test_source_compiles_with_nvcc(tmp_path, element):
 
 
 def test_switch_off_by_default_and_on_runs_the_model_through_the_kernel(monkeypatch):
-    """A float16 model (hs 64) through gpu_layers.FLOAT16 with GPU_FLASH_TC on: the forward's
-    attention is the tensor-core kernel, the backward flash_kernels' (its cache), and the loss
-    and every gradient follow the float32 reference to the float16 tolerance of the GPU tests."""
+    """A float16 model (hs 64) through gpu_layers.FLOAT16 with GPU_FLASH_TC on: its attention,
+    forward and backward, runs the tensor-core kernels, and the loss and every gradient follow
+    the float32 reference to the float16 tolerance of the GPU tests."""
     from minigpt2 import GPT, GPTConfig
     from minigpt2.gradcheck import rel_error
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=70, vocab_size=50)
@@ -358,15 +421,16 @@ def test_switch_off_by_default_and_on_runs_the_model_through_the_kernel(monkeypa
     with emulated_cupy.emulated() as ns:
         assert ns.gpu_layers.GPU_FLASH_TC is False          # nothing verified on a GPU yet
         calls = []
-        kernel_forward = ns.flash_tc_kernels.attention_forward
-        monkeypatch.setattr(ns.flash_tc_kernels, "attention_forward",
-                            lambda *a: calls.append(a) or kernel_forward(*a))
+        for name in ("attention_forward", "attention_backward"):
+            kernel = getattr(ns.flash_tc_kernels, name)
+            monkeypatch.setattr(ns.flash_tc_kernels, name,
+                                lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
         monkeypatch.setattr(ns.gpu_layers, "GPU_FLASH_TC", True)
         model = GPT(cfg, seed=0, precision="float16")
         model.layers = ns.gpu_layers.FLOAT16
         loss = float(model.forward(idx, targets)[1])
         got = model.backward()
-    assert len(calls) == 1                                  # one layer, one forward
+    assert calls == ["attention_forward", "attention_backward"]       # one layer
     assert abs(loss - loss_want) < 3e-2 * loss_want
     for name in g_want:
         assert got[name].dtype == np.float32 and rel_error(got[name], g_want[name]) < 3e-2, name
@@ -378,11 +442,16 @@ def test_switch_off_by_default_and_on_runs_the_model_through_the_kernel(monkeypa
 @pytest.mark.gpu
 @pytest.mark.parametrize("element", ["float16", "bfloat16"])
 @pytest.mark.parametrize("T, hs", [(1, 64), (77, 64), (1024, 64), (130, 128), (1024, 128)])
-def test_forward_on_the_gpu_equals_the_reference_layers(element, T, hs):
+def test_kernels_on_the_gpu_equal_the_reference_layers(element, T, hs):
     import cupy as cp
     qkv, exact = case(2, T, 3, hs, element, seed=T + hs)
+    dy, dy_exact = words(np.random.default_rng(T).standard_normal((2, T, 3 * hs)), element)
     y, cache = tc.attention_forward(cp.asarray(qkv), 3, element)
-    y_ref, lse_ref = reference(exact, 3)
-    y = value(cp.asnumpy(y), element)
-    assert np.abs(y - y_ref).max() < TOL[element] * np.abs(y_ref).max()
+    dqkv = tc.attention_backward(cp.asarray(dy), cache, element)
+    y_ref, lse_ref, dqkv_ref = reference(exact, 3, dy_exact)
+    assert close(value(cp.asnumpy(y), element), y_ref, TOL[element])
     np.testing.assert_allclose(cp.asnumpy(cache.lse), lse_ref, rtol=1e-4, atol=1e-4)
+    dqkv, C = value(cp.asnumpy(dqkv), element), 3 * hs
+    for part in range(3):
+        sl = slice(part * C, (part + 1) * C)
+        assert close(dqkv[..., sl], dqkv_ref[..., sl], BACKWARD_TOL[element]), part

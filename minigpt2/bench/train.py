@@ -44,8 +44,8 @@ def add_arguments(p):
                    help="GPU: the PyTorch rows, of sdpa, eager and compile (torch.compile of the "
                         "sdpa model) (default all three)")
     p.add_argument("--attention", choices=["flash", "flash-tc", "stored"], default="flash",
-                   help="GPU: minigpt2's attention, the flash kernels (default), flash-tc (the "
-                        "float16 forward on tensor cores, flash_tc_kernels.py) or the stored "
+                   help="GPU: minigpt2's attention, the flash kernels (default), flash-tc (float16 "
+                        "attention on tensor cores, flash_tc_kernels.py) or the stored "
                         "(B, H, T, T) matrix")
     p.add_argument("--best-batch", action="store_true",
                    help="GPU: also search the batch size that gives minigpt2 the most tokens/s "

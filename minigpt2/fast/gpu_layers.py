@@ -11,7 +11,7 @@ Attention runs the FlashAttention kernels of ``flash_kernels.py`` (tiled, linear
 probabilities recomputed in the backward from one log-sum-exp per row) for the head sizes they are
 compiled for and without attention dropout; otherwise, or with ``GPU_FLASH = False`` (the GPU
 bench's ``--attention stored``), the stored (B, H, T, T) form with its softmax in one kernel.
-With ``GPU_FLASH_TC = True`` (``--attention flash-tc``) the float16 forward at head sizes 64 and
+With ``GPU_FLASH_TC = True`` (``--attention flash-tc``) float16 attention at head sizes 64 and
 128 runs on tensor cores (``flash_tc_kernels.py``) instead; off by default until measured.
 
 ``FLOAT16`` is the set for float16 activations: the same, with the stored attention's four batched
@@ -41,8 +41,8 @@ from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step
 
 # the flash kernels run the attention where they apply; False: always the stored form
 GPU_FLASH = True
-# True: float16 attention forwards (hs 64, 128) on the tensor-core kernel of flash_tc_kernels.py
-# (its backward: flash_kernels'). Off until it is measured on a GPU: see docs/gpu.md
+# True: float16 attention (hs 64, 128) on the tensor-core kernels of flash_tc_kernels.py, forward
+# and backward. Off until they are measured on a GPU: see docs/gpu.md
 GPU_FLASH_TC = False
 
 # LayerNorm: one warp per row (kernels.layernorm_forward / layernorm_backward)
@@ -159,6 +159,8 @@ def _flash_or(stored_forward, stored_backward):
         return stored_forward(qkv, n_head, dropout_p, rng)
 
     def backward(dy, cache):
+        if isinstance(cache, flash_tc_kernels.TensorCoreCache):   # (a FlashCache too)
+            return flash_tc_kernels.attention_backward(dy.astype(np.float16, copy=False), cache)
         if isinstance(cache, flash_kernels.FlashCache):
             return flash_kernels.attention_backward(dy, cache)
         return stored_backward(dy, cache)
