@@ -160,7 +160,9 @@ def dropout_forward(x, p, rng):
     is the identity (eval mode). Returns (out, mask); mask is None for the identity."""
     if p == 0.0 or rng is None:
         return x, None
-    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    # uniform numbers in at least float32: Generator.random draws float32 or float64 only
+    xp = array_module(x)
+    keep = rng.random(x.shape, dtype=xp.promote_types(x.dtype, xp.float32)) >= p
     mask = keep.astype(x.dtype) * (1.0 / (1.0 - p))
     return x * mask, mask
 

@@ -9,9 +9,8 @@
 //                     the fiber leaves its lane's bytes in the warp's exchange and waits until
 //                     every lane of the mask has left its own; then each reads what it needs
 // Between two synchronisation points the ready fibers run one after another in a seeded random
-// order, one warp at a time (the warp drawn at random, so one warp may run many warp collectives
-// ahead of another until a __syncthreads), so a kernel that reads shared memory another thread
-// writes without a barrier between them reads a stale or poisoned value. Shared memory (static and dynamic) is filled with 0xff
+// order, so a kernel that reads shared memory another thread writes without a barrier between
+// them reads a stale or poisoned value. Shared memory (static and dynamic) is filled with 0xff
 // bytes (NaN in float and double) before each block.
 #pragma once
 #include <algorithm>
@@ -143,12 +142,33 @@ template<class V> inline V __shfl_up_sync(unsigned mask, V v, unsigned d, int wi
     return emu::shuffle(mask, v, emu::cur->lane - (int)d, width);
 }
 
-// atomics: the block's threads run one at a time, so a read-modify-write is atomic
-template<class V> inline V atomicAdd(V* p, V v) { V old = *p; *p = old + v; return old; }
-template<class V> inline V atomicMax(V* p, V v) { V old = *p; *p = old > v ? old : v; return old; }
-template<class V> inline V atomicMin(V* p, V v) { V old = *p; *p = old < v ? old : v; return old; }
-template<class V> inline V atomicExch(V* p, V v) { V old = *p; *p = v; return old; }
-template<class V> inline V atomicCAS(V* p, V cmp, V v) { V old = *p; if (old == cmp) *p = v; return old; }
+// atomics: the block's threads run one at a time, so a read-modify-write is atomic. An atomic is
+// also where a thread may be preempted (one time in two, seeded): the other threads run on, so
+// shared sums a barrier should wait for can be read half done.
+namespace emu {
+inline unsigned long long preempt_state = 1;
+inline void maybe_preempt() {
+    preempt_state ^= preempt_state << 13;
+    preempt_state ^= preempt_state >> 7;
+    preempt_state ^= preempt_state << 17;
+    if (preempt_state & 1) yield(READY);
+}
+}  // namespace emu
+template<class V> inline V atomicAdd(V* p, V v) {
+    emu::maybe_preempt(); V old = *p; *p = old + v; return old;
+}
+template<class V> inline V atomicMax(V* p, V v) {
+    emu::maybe_preempt(); V old = *p; *p = old > v ? old : v; return old;
+}
+template<class V> inline V atomicMin(V* p, V v) {
+    emu::maybe_preempt(); V old = *p; *p = old < v ? old : v; return old;
+}
+template<class V> inline V atomicExch(V* p, V v) {
+    emu::maybe_preempt(); V old = *p; *p = v; return old;
+}
+template<class V> inline V atomicCAS(V* p, V cmp, V v) {
+    emu::maybe_preempt(); V old = *p; if (old == cmp) *p = v; return old;
+}
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
@@ -227,77 +247,79 @@ inline void poison_shared(size_t dynamic_bytes) {
     if (dynamic_bytes) std::memset(dynamic_smem, 0xff, dynamic_bytes);
 }
 
-// Resumes the fibers until every one is done with the block; returns false on an error.
+// Whether the lanes of `warp` waiting in a collective may go on; "" or an error.
+inline std::string release_warp(int warp, std::vector<int>& ready) {
+    int n = (int)L->fibers.size(), first = warp * WARP, count = std::min(WARP, n - first);
+    Fiber* lanes = &L->fibers[first];
+    unsigned mask = 0, at = 0;
+    for (int l = 0; l < count; ++l)
+        if (lanes[l].state == AT_WARP) { mask = lanes[l].mask; at |= 1u << l; }
+    if (!at) return "";
+    for (int l = 0; l < WARP; ++l)
+        if ((mask >> l & 1u) && (l >= count || lanes[l].state == DONE))
+            return "a warp collective waits for a lane that has exited or does not exist";
+    if ((at & mask) != mask) return "";                     // some lanes still on their way
+    for (int l = 0; l < count; ++l)
+        if ((at >> l & 1u) && (lanes[l].mask != mask ||
+                               lanes[l].generation != lanes[__builtin_ctz(at)].generation))
+            return "lanes of one warp meet at different collectives";
+    for (int l = 0; l < count; ++l)
+        if (at >> l & 1u) { lanes[l].state = READY; ready.push_back(first + l); }
+    return "";
+}
+
+// Resumes the fibers until every one is done with the block; false on an error. Which ready
+// fiber runs next: half the blocks (seeded) pick at random; the other half run the warps in a
+// random priority order (a warp runs ahead as far as it can before the next one moves), the
+// order that shows a barrier missing between warps.
 inline bool run_block(std::mt19937_64& rng) {
-    int n = (int)L->fibers.size();
-    for (Fiber& f : L->fibers) { f.state = READY; f.generation = 0; }
-    std::vector<int> order, ready_warps;
+    int n = (int)L->fibers.size(), warps = (n + WARP - 1) / WARP;
+    std::vector<int> ready, rank(warps);
+    for (int w = 0; w < warps; ++w) rank[w] = w;
+    std::shuffle(rank.begin(), rank.end(), rng);
+    bool by_warp = rng() & 1;
+    for (Fiber& f : L->fibers) {
+        f.state = READY;
+        f.generation = 0;
+        ready.push_back(f.linear);
+    }
     for (;;) {
-        // one warp runs at a time, drawn at random among those with a ready thread, so a warp
-        // may get many warp collectives ahead of another between two __syncthreads
-        ready_warps.clear();
-        for (int w = 0; w * WARP < n; ++w)
-            for (int i = w * WARP; i < std::min(n, (w + 1) * WARP); ++i)
-                if (L->fibers[i].state == READY) { ready_warps.push_back(w); break; }
-        if (!ready_warps.empty()) {
-            int w = ready_warps[rng() % ready_warps.size()];
-            order.clear();
-            for (int i = w * WARP; i < std::min(n, (w + 1) * WARP); ++i) order.push_back(i);
-            std::shuffle(order.begin(), order.end(), rng);
-        } else {
-            order.clear();
-        }
-        for (int i : order) {
-            Fiber& f = L->fibers[i];
-            if (f.state != READY) continue;
-            cur = &f;
-            if (_setjmp(L->scheduler) == 0) _longjmp(f.ctx, 1);
-            if (!L->error.empty()) return false;
-        }
-        bool progress = !ready_warps.empty(), waiting = false;
-        for (size_t w = 0; w * WARP < (size_t)n; ++w) {       // warp collectives complete?
-            Fiber* lanes = &L->fibers[w * WARP];
-            int count = std::min(WARP, n - (int)(w * WARP));
-            unsigned mask = 0, at = 0;
-            for (int l = 0; l < count; ++l)
-                if (lanes[l].state == AT_WARP) { mask = lanes[l].mask; at |= 1u << l; }
-            if (!at) continue;
-            waiting = true;
-            for (int l = 0; l < WARP; ++l) {
-                if (!(mask >> l & 1u)) continue;
-                if (l >= count || lanes[l].state == DONE) {
-                    L->error = "a warp collective waits for a lane that has exited or does not "
-                               "exist (mask " + std::to_string(mask) + ")";
-                    return false;
-                }
+        if (ready.empty()) {
+            bool all_done = true, all_barrier = true;
+            for (Fiber& f : L->fibers) {
+                all_done &= f.state == DONE;
+                all_barrier &= f.state == DONE || f.state == AT_BARRIER;
             }
-            if ((at & mask) != mask) continue;                 // some lanes still on their way
-            int first = __builtin_ctz(at);
-            for (int l = 0; l < count; ++l)
-                if ((at >> l & 1u) && (lanes[l].mask != mask ||
-                                       lanes[l].generation != lanes[first].generation)) {
-                    L->error = "lanes of one warp meet at different collectives";
-                    return false;
-                }
-            for (int l = 0; l < count; ++l)
-                if (at >> l & 1u) lanes[l].state = READY;
-            progress = true;
-        }
-        if (progress) continue;
-        bool all_done = true, all_barrier = true;
-        for (Fiber& f : L->fibers) {
-            if (f.state != DONE) all_done = false;
-            if (f.state != DONE && f.state != AT_BARRIER) all_barrier = false;
-        }
-        if (all_done) return true;
-        if (all_barrier && !waiting) {
+            if (all_done) return true;
+            if (!all_barrier) {
+                L->error = "deadlock: threads wait at __syncthreads while others wait in a warp "
+                           "collective (a barrier or a shuffle in divergent code)";
+                return false;
+            }
             for (Fiber& f : L->fibers)
-                if (f.state == AT_BARRIER) f.state = READY;
+                if (f.state == AT_BARRIER) { f.state = READY; ready.push_back(f.linear); }
             continue;
         }
-        L->error = "deadlock: threads wait at __syncthreads while others wait in a warp "
-                   "collective (a barrier or a shuffle in divergent code)";
-        return false;
+        size_t pick = rng() % ready.size();
+        if (by_warp) {                      // the first warp in rank order, a random lane of it
+            int best = warps;
+            for (int i : ready) best = std::min(best, rank[L->fibers[i].warp]);
+            std::vector<size_t> lanes;
+            for (size_t k = 0; k < ready.size(); ++k)
+                if (rank[L->fibers[ready[k]].warp] == best) lanes.push_back(k);
+            pick = lanes[rng() % lanes.size()];
+        }
+        Fiber& f = L->fibers[ready[pick]];
+        ready[pick] = ready.back();
+        ready.pop_back();
+        cur = &f;
+        if (_setjmp(L->scheduler) == 0) _longjmp(f.ctx, 1);
+        if (!L->error.empty()) return false;
+        if (f.state == READY) ready.push_back(f.linear);          // preempted at an atomic
+        if (f.state == AT_WARP || f.state == DONE) {
+            std::string e = release_warp(f.warp, ready);
+            if (!e.empty()) { L->error = e; return false; }
+        }
     }
 }
 
@@ -339,6 +361,7 @@ inline std::string launch(void (*body)(), dim3 grid, dim3 block, size_t dynamic_
         if (_setjmp(launch.scheduler) == 0) swapcontext(&here, &f.start);
     }
     std::mt19937_64 rng(seed);
+    preempt_state = seed * 2654435761u + 1;
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {

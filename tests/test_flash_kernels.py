@@ -44,6 +44,15 @@ def test_flash_launch_geometry():
 TOL = {"float64": 1e-12, "float32": 1e-5}
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls(request):
+    """The float32 references are CuPy matmuls: TF32 off here, whatever test ran before (a
+    model in "tf32" or "float16" precision switches it on for the process)."""
+    if "gpu" in request.keywords:
+        gpu_layers = pytest.importorskip("minigpt2.fast.gpu_layers")
+        gpu_layers.set_tf32(False)
+
+
 def gpu_case(B, T, H, hs, dtype, seed=0):
     cp = pytest.importorskip("cupy")
     rng = np.random.default_rng(seed)

@@ -425,6 +425,7 @@ def test_switch_off_by_default_and_on_runs_the_model_through_the_kernel(monkeypa
             kernel = getattr(ns.flash_tc_kernels, name)
             monkeypatch.setattr(ns.flash_tc_kernels, name,
                                 lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+        monkeypatch.setattr(ns.gpu_layers, "GPU_FLASH", True)
         monkeypatch.setattr(ns.gpu_layers, "GPU_FLASH_TC", True)
         model = GPT(cfg, seed=0, precision="float16")
         model.layers = ns.gpu_layers.FLOAT16

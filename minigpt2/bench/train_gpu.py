@@ -115,8 +115,11 @@ class PhaseTimer:
         self.steps = []
 
     def wrap(self, owner, name, phase):
-        """Replace ``owner.name`` by a version timed under ``phase``."""
+        """Replace ``owner.name`` by a version timed under ``phase``. What an earlier timer
+        wrapped is unwrapped first (the layer set is a module: a second profile in the same
+        process would otherwise time each call twice, once into a finished timer)."""
         fn = getattr(owner, name)
+        fn = getattr(fn, "untimed", fn)
         cuda = self.cupy.cuda
 
         def timed(*args, **kwargs):
@@ -127,6 +130,7 @@ class PhaseTimer:
             self.pending.append((phase, start, end))
             return out
 
+        timed.untimed = fn
         setattr(owner, name, timed)
 
     def end_step(self, step_seconds):
@@ -173,6 +177,21 @@ class UsedMemory:
 
     def sample(self, *_):
         self.peak = max(self.peak, self.now())
+
+
+def faster_attention(flash_results, stored_results) -> str:
+    """"flash" or "stored": which of minigpt2's attentions gave the shorter median step, from the
+    ``--json`` results of the same bench run with ``--attention flash`` and ``--attention stored``
+    (.ci/gpu-check's pair, GPT-2 124M at T = 1024, B 8); what ``gpu_layers.MEASURED_FASTER``
+    records."""
+    def median_step(results, attention):
+        times = [statistics.median(r["times"]) for r in results
+                 if r.get("framework") == "minigpt2" and r.get("times")]
+        if not times:
+            raise ValueError(f"no minigpt2 step times in the {attention} results")
+        return min(times)
+    flash, stored = median_step(flash_results, "flash"), median_step(stored_results, "stored")
+    return "flash" if flash < stored else "stored"
 
 
 def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False, pad_vocab=1):
@@ -375,8 +394,8 @@ def print_rows(args, cfg, precision, B, rows):
     skipped = f"; skipped steps {ours['skipped_steps']}" if "skipped_steps" in ours else ""
     print(f"  minigpt2 losses on the fixed batch, step by step: {losses}{skipped}")
     from ..fast.flash_kernels import supports
-    flash = args.attention in ("flash", "flash-tc") and supports(np.float16 if precision == "float16"
-                                                   else np.float32, cfg.n_embd // cfg.n_head)
+    flash = args.attention in ("flash", "flash-tc") and supports(
+        np.float16 if precision == "float16" else np.float32, cfg.n_embd // cfg.n_head)
     est = estimate_memory(cfg, B, T, precision=precision, recompute=args.recompute,
                           tiled_attention=flash)
     used = ours["peak_bytes"]
@@ -401,9 +420,10 @@ def summary(results) -> list:
     for ours in (r for r in done if r["framework"] == "minigpt2"):
         key = (ours["precision"], ours["batch_size"])
         mfu = "?" if ours["mfu_llmc"] is None else f"{ours['mfu_llmc']:.1%}"
+        theirs = [r for r in done if r["framework"] != "minigpt2"
+                  and (r["precision"], r["batch_size"]) == key]
         ratios = "".join(f", {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x PyTorch "
-                         f"{r['framework']}" for r in done
-                         if r["framework"] != "minigpt2" and (r["precision"], r["batch_size"]) == key)
+                         f"{r['framework']}" for r in theirs)
         lines.append(f"  {key[0]} B {key[1]}: {ours['tokens_per_s']:.0f} tokens/s, MFU {mfu} "
                      f"(llm.c's count){ratios}")
     return lines

@@ -123,7 +123,8 @@ template<class E, int HS> __device__ __forceinline__ void add_times_tile(float (
 
 // accumulators (16 x 64) as A fragments, rounded to E: columns 16 kk.. are the accumulator
 // tiles 2kk and 2kk + 1, whose layout is the A layout's
-template<class E> __device__ __forceinline__ void as_a(unsigned (&a)[4][4], const float (&s)[8][4]) {
+template<class E>
+__device__ __forceinline__ void as_a(unsigned (&a)[4][4], const float (&s)[8][4]) {
     for (int kk = 0; kk < 4; ++kk) {
         a[kk][0] = pack2<E>(s[2 * kk][0], s[2 * kk][1]);
         a[kk][1] = pack2<E>(s[2 * kk][2], s[2 * kk][3]);
@@ -314,7 +315,7 @@ flash_tc_backward_dq(const unsigned short* __restrict__ qkv, const unsigned shor
                       row_lo, T_, t);
 }
 
-// ---- backward, dk and dv: the key side -----------------------------------------------------------
+// ---- backward, dk and dv: the key side ---------------------------------------------------
 // For key j: dv_j = sum_{i >= j} p_ij dO_i, dk_j = scale sum_{i >= j} ds_ij q_i, computed as
 // P^T dO and dS^T Q from S^T = K Q^T and dP^T = V dO^T; a block owns 64 keys (16 per warp) and
 // visits the query tiles from its own on. Written into the k and v thirds of dqkv.

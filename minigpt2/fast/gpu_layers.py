@@ -7,12 +7,13 @@ outputs and gradients (tested equal in tests/test_gpu_kernels.py); only the cach
 The kernels read float16, float32 and float64 arrays; float16 ones (mixed precision) are computed
 in float32 registers and rounded back once.
 
-Attention runs the FlashAttention kernels of ``flash_kernels.py`` (tiled, linear memory in T, the
-probabilities recomputed in the backward from one log-sum-exp per row) for the head sizes they are
-compiled for and without attention dropout; otherwise, or with ``GPU_FLASH = False`` (the GPU
-bench's ``--attention stored``), the stored (B, H, T, T) form with its softmax in one kernel.
-With ``GPU_FLASH_TC = True`` (``--attention flash-tc``) float16 attention at head sizes 64 and
-128 runs on tensor cores (``flash_tc_kernels.py``) instead; off by default until measured.
+With ``GPU_FLASH`` (the default once a GPU measured them faster: see ``MEASURED_FASTER``; the GPU
+bench's ``--attention flash``), attention runs the FlashAttention kernels of ``flash_kernels.py``
+(tiled, linear memory in T, the probabilities recomputed in the backward from one log-sum-exp per
+row) for the head sizes they are compiled for and without attention dropout; otherwise the stored
+(B, H, T, T) form with its softmax in one kernel.
+With ``GPU_FLASH`` and ``GPU_FLASH_TC`` (the bench's ``--attention flash-tc``) float16 attention at
+head sizes 64 and 128 runs on tensor cores (``flash_tc_kernels.py``); off until measured.
 
 ``FLOAT16`` is the set for float16 activations: the same, with the stored attention's four batched
 matrix products sent to cuBLAS directly (``kernels.batched_matmul``), which reads the strided heads
@@ -39,10 +40,15 @@ from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step
                      dropout_backward, dropout_forward, embedding_backward, embedding_forward,
                      linear_backward, linear_forward, softmax)
 
-# the flash kernels run the attention where they apply; False: always the stored form
-GPU_FLASH = True
-# True: float16 attention (hs 64, 128) on the tensor-core kernels of flash_tc_kernels.py, forward
-# and backward. Off until they are measured on a GPU: see docs/gpu.md
+# Which attention ran faster at T = 1024 (GPT-2 124M, B 8, float16) on the last measurement:
+# .ci/gpu-check's flash/stored pair, decided by bench.train_gpu.faster_attention. None: not yet
+# measured on a GPU.
+MEASURED_FASTER = None
+# True: the flash kernels run the attention where they apply; False: always the stored form. The
+# measured faster one; until a measurement, the stored cuBLAS attention, whose speed is known.
+GPU_FLASH = MEASURED_FASTER == "flash"
+# True (with GPU_FLASH): float16 attention (hs 64, 128) on the tensor-core kernels of
+# flash_tc_kernels.py, forward and backward. Off until they are measured on a GPU: docs/gpu.md
 GPU_FLASH_TC = False
 
 # LayerNorm: one warp per row (kernels.layernorm_forward / layernorm_backward)

@@ -177,6 +177,12 @@ class MPICommunicator(Communicator):
         return self._nccl
 
 
+def _need_contiguous(*arrays):
+    if not all(a.flags.c_contiguous for a in arrays):
+        raise ValueError("NCCL collectives take C-contiguous arrays (NCCL reads a pointer and a "
+                         "count): pass the flat buffer, not a view of it")
+
+
 class NCCLCommunicator(MPICommunicator):
     """GPU processes: array collectives through NCCL on CuPy arrays, the rest over MPI.
 
@@ -212,16 +218,23 @@ class NCCLCommunicator(MPICommunicator):
         return self.cupy.cuda.get_current_stream().ptr
 
     def allreduce_sum(self, a):
-        self.comm_nccl.allReduce(a.data.ptr, a.data.ptr, a.size, self.types[a.dtype],
+        """In place. NCCL reads a.size numbers from a.data.ptr as one contiguous run: a view
+        that is not contiguous is summed in a contiguous copy, then copied back."""
+        buf = a if a.flags.c_contiguous else self.cupy.ascontiguousarray(a)
+        self.comm_nccl.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self.types[buf.dtype],
                                  self.nccl.NCCL_SUM, self._stream())
+        if buf is not a:
+            a[...] = buf
         return a
 
     def reduce_scatter_sum(self, a, out):
+        _need_contiguous(a, out)
         self.comm_nccl.reduceScatter(a.data.ptr, out.data.ptr, out.size, self.types[a.dtype],
                                      self.nccl.NCCL_SUM, self._stream())
         return out
 
     def allgather(self, a):
+        _need_contiguous(a)
         n = a.size // self.size
         mine = a[self.rank * n:]    # in place: the send buffer is this process's share of a
         self.comm_nccl.allGather(mine.data.ptr, a.data.ptr, n, self.types[a.dtype],
