@@ -312,20 +312,20 @@ def layernorm_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------
 # GELU: one elementwise kernel writes gelu(x) and gelu'(x) (cpu_layers.gelu_forward's pair)
 
-_gelu = cp.ElementwiseKernel(
-    "T x", "T y, T d",
-    """
-    typedef typename Acc<T>::type A;
+# y = gelu(xa), d = gelu'(xa) for xa of the accumulation type A (also epilogues.bias_gelu's)
+GELU_PAIR = """
     const A K = 0.7978845608028654, C3 = 0.044715;   // sqrt(2/pi), GPT-2's cubic coefficient
-    A xa = (A)x;
     A x3 = xa * xa * xa;
     A th = tanh(K * (xa + C3 * x3));
     y = (T)(A(0.5) * xa * (A(1) + th));
     // gelu'(x) = 0.5 (1 + th) (1 + (1 - th) x du/dx),  x du/dx = K (x + 3 C3 x^3)
     d = (T)(A(0.5) * (A(1) + th) * (A(1) + (A(1) - th) * K * (xa + A(3) * C3 * x3)));
-    """,
-    "minigpt2_gelu", preamble="template<class T> struct Acc { typedef float type; };\n"
-                              "template<> struct Acc<double> { typedef double type; };")
+"""
+_ACC_PREAMBLE = ("template<class T> struct Acc { typedef float type; };\n"
+                 "template<> struct Acc<double> { typedef double type; };")
+_gelu = cp.ElementwiseKernel(
+    "T x", "T y, T d", "typedef typename Acc<T>::type A;\nA xa = (A)x;" + GELU_PAIR,
+    "minigpt2_gelu", preamble=_ACC_PREAMBLE)
 
 
 def gelu_forward(x):
