@@ -57,20 +57,10 @@ __global__ void residual_layernorm_forward(const T* __restrict__ x, const T* __r
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const long long at = (long long)row * C;
-    A sum = 0;
-    for (int c = lane; c < C; c += 32) {
+    for (int c = lane; c < C; c += 32)         // the lane reads back (in cache) only what it wrote
         store(s + at, c, A(load(x + at, c)) + A(load(y + at, c)));
-        sum += load(s + at, c);                // a lane reads back only what it wrote
-    }
-    A m = warp_sum(sum) / C;
-    A v = 0;
-    for (int c = lane; c < C; c += 32) {
-        A d = load(s + at, c) - m;
-        v += d * d;
-    }
-    A r = A(1) / sqrt(warp_sum(v) / C + A(eps));
-    for (int c = lane; c < C; c += 32)
-        store(out + at, c, (load(s + at, c) - m) * r * A(load(w, c)) + A(load(b, c)));
+    A m, r;
+    layernorm_row(s + at, w, b, out + at, C, A(eps), lane, m, r);
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 """

@@ -44,19 +44,8 @@ __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__
     typedef typename Acc<T>::type A;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
-    const T* xr = x + (long long)row * C;
-    A s = 0;
-    for (int c = lane; c < C; c += 32) s += load(xr, c);
-    A m = warp_sum(s) / C;
-    A v = 0;                                   // the variance from x - mean: two passes over
-    for (int c = lane; c < C; c += 32) {       // the row (in cache) rather than E[x^2] - m^2,
-        A d = load(xr, c) - m;                 // which cancels badly when |mean| >> std
-        v += d * d;
-    }
-    A r = A(1) / sqrt(warp_sum(v) / C + A(eps));
-    T* o = out + (long long)row * C;
-    for (int c = lane; c < C; c += 32)
-        store(o, c, (load(xr, c) - m) * r * A(load(w, c)) + A(load(b, c)));
+    A m, r;
+    layernorm_row(x + (long long)row * C, w, b, out + (long long)row * C, C, A(eps), lane, m, r);
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 
