@@ -102,3 +102,20 @@ def test_negative_control_bias_gelu_bias_index(emu, monkeypatch):
     out, _ = emu.epilogues.bias_gelu_forward(h, b)
     want, _ = layers.gelu_forward(h + b)
     assert rel_error(out, want) > 1e-3
+
+
+def test_residual_layernorm_source_compiles_with_nvcc(emu, tmp_path):
+    """The source CuPy compiles, built for sm_90 where CUDA is installed (no GPU needed)."""
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc (the CUDA toolkit) is not installed")
+    names = [f"residual_layernorm_forward<{t}>" for t in ("float", "double", "unsigned short")]
+    src = tmp_path / "epilogues.cu"
+    src.write_text(emu.epilogues.SOURCE + "\nvoid* minigpt2_instances[] = {"
+                   + ", ".join(f"(void*)&{n}" for n in names) + "};\n")
+    result = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-std=c++17", "-o",
+                             str(tmp_path / "epilogues.cubin"), str(src)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
