@@ -1,4 +1,5 @@
-"""Shared test set-up: tests marked ``gpu`` are skipped, with the reason, without CuPy or a GPU."""
+"""Shared test set-up: tests marked ``gpu`` are skipped, with the reason, without CuPy or a GPU;
+the ``emu`` fixture gives the kernel modules over the CUDA emulator."""
 
 import pytest
 
@@ -24,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
     if reason:
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """minigpt2.fast's kernel modules (kernels, flash_kernels, gpu_layers) over the CUDA
+    emulator, for one test module (tests/emulated_cupy.py)."""
+    from emulated_cupy import emulated
+    with emulated() as e:
+        yield e

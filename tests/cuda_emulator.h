@@ -5,7 +5,8 @@
 // until it reaches a synchronisation point and then yields to the scheduler:
 //   __syncthreads     the fiber waits until every thread of the block that has not exited is
 //                     waiting too
-//   warp collectives  (__shfl_*_sync, __syncwarp, and any primitive built on emu::warp_gather)
+//   warp collectives  (__shfl_*_sync, __syncwarp, and any primitive built on
+//                     emu::warp_exchange)
 //                     the fiber leaves its lane's bytes in the warp's exchange and waits until
 //                     every lane of the mask has left its own; then each reads what it needs
 // Between two synchronisation points the ready fibers run one after another in a seeded random
@@ -91,29 +92,38 @@ inline void yield(State s) {
     if (_setjmp(cur->ctx) == 0) _longjmp(L->scheduler, 1);
 }
 
-// Every lane of `mask` leaves SIZE bytes; when all have, `all` receives the 32 lanes' bytes
-// (lanes outside the mask: unspecified). The building block of every warp collective.
-inline void warp_gather(unsigned mask, const void* mine, size_t size, void* all) {
-    if (size > SLOT_BYTES) fail("warp_gather: more than SLOT_BYTES bytes per lane");
+// Every lane of `mask` leaves SIZE bytes; when all have, returns the warp's 32 slots, which hold
+// them until this lane's next collective. The building block of every warp collective.
+typedef unsigned char Slot[SLOT_BYTES];
+inline const Slot* warp_exchange(unsigned mask, const void* mine, size_t size) {
+    if (size > SLOT_BYTES) fail("a warp collective of more than SLOT_BYTES bytes per lane");
     if (!(mask >> cur->lane & 1u)) fail("a warp collective called by a lane outside its mask");
     WarpSlots& w = L->warps[cur->warp];
-    int g = cur->generation & 1;
+    int g = cur->generation & 1;       // two sets: a lane can be one collective ahead of another
     std::memcpy(w.bytes[g][cur->lane], mine, size);
     cur->mask = mask;
     yield(AT_WARP);
-    for (int l = 0; l < WARP; ++l)
-        std::memcpy(static_cast<unsigned char*>(all) + l * size, w.bytes[g][l], size);
     ++cur->generation;
+    return w.bytes[g];
+}
+
+// warp_exchange, the 32 lanes' bytes copied into `all` (32 * size bytes; lanes outside the
+// mask: unspecified).
+inline void warp_gather(unsigned mask, const void* mine, size_t size, void* all) {
+    const Slot* slots = warp_exchange(mask, mine, size);
+    for (int l = 0; l < WARP; ++l)
+        std::memcpy(static_cast<unsigned char*>(all) + l * size, slots[l], size);
 }
 
 template<class V> inline V shuffle(unsigned mask, V v, int src, int width) {
-    static_assert(sizeof(V) <= 8, "shuffle of a value over 8 bytes");
-    V all[WARP];
-    warp_gather(mask, &v, sizeof(V), all);
+    static_assert(sizeof(V) <= SLOT_BYTES, "shuffle of a value over SLOT_BYTES bytes");
+    const Slot* slots = warp_exchange(mask, &v, sizeof(V));
     int base = cur->lane / width * width;
     if (src < base || src >= base + width) return v;    // outside the lane's segment
     if (!(mask >> src & 1u)) fail("a shuffle reads a lane outside its mask");
-    return all[src];
+    V out;
+    std::memcpy(&out, slots[src], sizeof(V));
+    return out;
 }
 
 }  // namespace emu
@@ -126,8 +136,8 @@ constexpr int warpSize = 32;
 
 inline void __syncthreads() { emu::yield(emu::AT_BARRIER); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
-    char none = 0, all[32];
-    emu::warp_gather(mask, &none, 1, all);
+    char none = 0;
+    emu::warp_exchange(mask, &none, 1);
 }
 template<class V> inline V __shfl_sync(unsigned mask, V v, int src, int width = 32) {
     return emu::shuffle(mask, v, emu::cur->lane / width * width + src % width, width);
@@ -304,10 +314,10 @@ inline bool run_block(std::mt19937_64& rng) {
         if (by_warp) {                      // the first warp in rank order, a random lane of it
             int best = warps;
             for (int i : ready) best = std::min(best, rank[L->fibers[i].warp]);
-            std::vector<size_t> lanes;
-            for (size_t k = 0; k < ready.size(); ++k)
-                if (rank[L->fibers[ready[k]].warp] == best) lanes.push_back(k);
-            pick = lanes[rng() % lanes.size()];
+            size_t count = 0;
+            for (int i : ready) count += rank[L->fibers[i].warp] == best;
+            size_t nth = rng() % count;
+            for (pick = 0; rank[L->fibers[ready[pick]].warp] != best || nth--; ++pick) {}
         }
         Fiber& f = L->fibers[ready[pick]];
         ready[pick] = ready.back();

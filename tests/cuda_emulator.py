@@ -32,10 +32,11 @@ Adding a primitive (a warp collective like ``mma.sync``, ``ldmatrix``, or any PT
     In the kernel source, wrap the PTX in a small ``__device__`` function inside
     ``#ifndef MINIGPT2_EMULATOR ... #endif`` (as ``half_to_float`` in cuda_source.py), and give the
     prelude a C++ function of the same signature. A warp collective calls
-    ``emu::warp_gather(mask, &mine, sizeof(mine), all)``: each lane leaves up to
-    ``emu::SLOT_BYTES`` bytes and waits until every lane of the mask has; ``all`` then holds the 32
-    lanes' bytes and the lane computes its own result from them (an ``mma.sync`` gathers the
-    fragments of A, B and C, multiplies, and keeps its lane's part of D). Lane and warp:
+    ``emu::warp_exchange(mask, &mine, sizeof(mine))``: each lane leaves up to ``emu::SLOT_BYTES``
+    bytes and waits until every lane of the mask has; it returns the warp's 32 slots (valid until
+    the lane's next collective), from which the lane computes its own result (an ``mma.sync``
+    reads the fragments of A, B and C of all lanes, multiplies, and keeps its lane's part of D;
+    ``emu::warp_gather`` copies the 32 slots out). Lane and warp:
     ``emu::cur->lane``, ``emu::cur->warp``. Then add a test against a NumPy form of it.
 """
 
@@ -89,7 +90,7 @@ def build(text: str, tag: str) -> ctypes.CDLL:
     key = hashlib.sha256("\0".join([*preludes, text, CXX, *FLAGS]).encode())
     lib = cache_dir() / f"{tag}-{key.hexdigest()[:20]}.so"
     if not lib.exists():
-        src = lib.with_suffix(".cpp")
+        src = lib.with_suffix(f".{os.getpid()}.cpp")      # kept: g++'s errors point into it
         src.write_text(text)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         result = subprocess.run([CXX, *FLAGS, "-I", str(PRELUDE.parent), "-o", str(tmp),

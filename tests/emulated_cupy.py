@@ -94,3 +94,8 @@ def emulated():
                     delattr(package, short)
             else:
                 setattr(package, short, attr)
+
+
+def rand(shape, dtype, seed, scale=1.0):
+    """Standard normal data of a dtype (never zeros: they hide unwritten outputs)."""
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)

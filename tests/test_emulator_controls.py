@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 
 import cuda_emulator
-from emulated_cupy import emulated
+from emulated_cupy import rand
 from minigpt2 import layers
 from minigpt2.gradcheck import rel_error
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with emulated() as e:
-        yield e
-
-
-def rand(shape, dtype, seed, scale=1.0):
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
 
 
 def flash_errors(fk, B=2, T=70, H=2, hs=16, dtype="float64"):

@@ -7,21 +7,11 @@ the tolerances of the GPU tests (forward 2e-3 to 5e-3, backward 1e-2). Needs onl
 import numpy as np
 import pytest
 
-from emulated_cupy import emulated
+from emulated_cupy import rand
 from minigpt2 import GPT, GPTConfig, layers, optim
 from minigpt2.gradcheck import rel_error
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with emulated() as e:
-        yield e
-
-
-def rand(shape, dtype, seed, scale=1.0):
-    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
 
 
 # ---- the row kernels (kernels.py) -----------------------------------------------------------------
