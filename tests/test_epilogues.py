@@ -6,22 +6,12 @@ import numpy as np
 import pytest
 
 from cuda_emulator import EmulatorError
-from emulated_cupy import emulated
+from emulated_cupy import rand
 from minigpt2 import layers
 from minigpt2.fast import cpu_layers
 from minigpt2.gradcheck import rel_error
 
 TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3}
-
-
-@pytest.fixture(scope="module")
-def emu():
-    with emulated() as e:
-        yield e
-
-
-def rand(shape, dtype, seed, scale=1.0, shift=0.0):
-    return (np.random.default_rng(seed).standard_normal(shape) * scale + shift).astype(dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
@@ -43,7 +33,7 @@ def test_bias_gelu_equals_bias_add_then_gelu(emu, dtype, shape):
 @pytest.mark.parametrize("shape", [(1, 1, 8), (3, 37, 100), (2, 5, 768)])
 def test_residual_layernorm_equals_add_then_layernorm(emu, dtype, shape):
     C = shape[-1]
-    x, y = rand(shape, dtype, 1, 3.0, 5.0), rand(shape, dtype, 2)
+    x, y = rand(shape, dtype, 1, 3.0) + 5.0, rand(shape, dtype, 2)
     w, b, dout = rand(C, dtype, 3), rand(C, dtype, 4), rand(shape, dtype, 5)
     s, out, cache = emu.epilogues.residual_layernorm_forward(x, y, w, b)
     s_want = x + y                                 # in the storage type, as the block adds
@@ -76,7 +66,7 @@ def test_negative_controls_residual_layernorm(emu, monkeypatch, old, new):
     assert emu.epilogues.SOURCE.count(old) == 1
     monkeypatch.setattr(emu.epilogues, "SOURCE", emu.epilogues.SOURCE.replace(old, new))
     emu.epilogues._kernel.cache_clear()
-    x, y = rand((3, 37, 100), "float64", 1, 3.0, 5.0), rand((3, 37, 100), "float64", 2)
+    x, y = rand((3, 37, 100), "float64", 1, 3.0) + 5.0, rand((3, 37, 100), "float64", 2)
     w, b = rand(100, "float64", 3), rand(100, "float64", 4)
     try:
         s, out, cache = emu.epilogues.residual_layernorm_forward(x, y, w, b)
