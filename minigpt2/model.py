@@ -180,6 +180,14 @@ def sample_next(logits, temperature, top_k, top_p, rng):
     return xp.minimum(ids, logits.shape[-1] - 1)
 
 
+def mask_padded_logits(logits, V):
+    """In place: logits (B, T, Vp) of a padded vocabulary get, in columns V.., the lowest finite
+    value of their dtype, whose softmax is exactly 0 (so their gradient is 0 too). Not -inf: an
+    online softmax whose running max starts at -inf would compute -inf - -inf = NaN."""
+    if logits.shape[-1] > V:
+        logits[..., V:] = array_module(logits).finfo(logits.dtype).min
+
+
 # ----------------------------------------------------------------------------------------------
 # the model
 
@@ -195,11 +203,13 @@ class GPT:
     ``params=`` gives the weights instead of initialising them: a dict like ``model.params``,
     with every name and shape of ``config.param_shapes(cfg)``, of one floating-point dtype
     (cast to ``dtype``) and finite; anything else is refused with the tensor named.
+    ``pad_vocab=64`` (or 128) computes the LM head over the vocabulary rounded up to a multiple
+    of it (GPT-2's 50,257 -> 50,304), the shape matrix-multiply tiles want; see ``_padded_head``.
     """
 
     def __init__(self, cfg: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32",
                  *, params: dict | None = None, precision: str = "float32",
-                 recompute: bool = False, layers: str = "fast"):
+                 recompute: bool = False, layers: str = "fast", pad_vocab: int = 1):
         if not isinstance(cfg, GPTConfig):
             raise TypeError(f"GPT needs a GPTConfig, got {type(cfg).__name__}")
         if layers not in LAYER_SETS:
@@ -216,6 +226,11 @@ class GPT:
         self.recompute = bool(recompute)
         self.loss_scale = 2.0 ** 16 if precision == "float16" else 1.0
         self.on_block = None   # called with no arguments after each block's forward and backward
+        if isinstance(pad_vocab, bool) or not isinstance(pad_vocab, (int, np.integer)) \
+                or pad_vocab < 1:
+            raise ValueError(f"pad_vocab must be an integer >= 1 (64 or 128 for the GPU's matrix "
+                             f"tiles; 1 is no padding), got {pad_vocab!r}")
+        self.padded_vocab_size = -(-cfg.vocab_size // int(pad_vocab)) * int(pad_vocab)
         if params is None:
             host = init_params(cfg, seed, self.dtype)
         else:   # names, shapes and dtypes as the config lays them out; then no NaN or inf
@@ -272,10 +287,25 @@ class GPT:
 
     def _compute_params(self):
         """The weights the layers multiply with: model.params, or their float16 copies in mixed
-        precision (made each forward, as the float32 masters change every step)."""
-        if self.precision != "float16":
-            return self.params
-        return {name: p.astype(np.float16) for name, p in self.params.items()}
+        precision (made each forward, as the float32 masters change every step); wte padded
+        with zero rows to ``padded_vocab_size`` when the model pads its vocabulary."""
+        P = self.params
+        if self.precision == "float16":
+            P = {name: p.astype(np.float16) for name, p in P.items()}
+        return self._padded_head(P)
+
+    def _padded_head(self, P):
+        """P with wte (V, C) as (Vp, C), rows V.. zero. Only the LM head sees the padded rows:
+        the embedding reads rows < V; their logits are masked in ``forward`` (softmax 0, so
+        gradient 0), and ``backward`` returns wte's gradient for the V real rows. model.params,
+        checkpoints and the Hugging Face export keep V rows. Generation computes B rows of
+        logits, not B*T, and does not pad."""
+        wte = P["wte.weight"]
+        if self.padded_vocab_size == wte.shape[0]:
+            return P
+        padded = self.xp.zeros((self.padded_vocab_size, wte.shape[1]), dtype=wte.dtype)
+        padded[:wte.shape[0]] = wte
+        return {**P, "wte.weight": padded}
 
     def _block_rng(self, seed):
         """The dropout generator of one block under recompute: a fresh one from a seed drawn in
@@ -343,12 +373,14 @@ class GPT:
                 self.on_block()
         h, ln_f = F.layernorm_forward(x, P["ln_f.weight"], P["ln_f.bias"], LAYER_NORM_EPS)
         B, T, C = h.shape
-        logits = (h.reshape(-1, C) @ P["wte.weight"].T).reshape(B, T, -1)        # (B, T, V)
+        logits = (h.reshape(-1, C) @ P["wte.weight"].T).reshape(B, T, -1)        # (B, T, Vp)
+        V = cfg.vocab_size
+        mask_padded_logits(logits, V)
         if targets is None:
-            return logits, None
+            return logits[..., :V], None
         loss, ce = F.cross_entropy_forward(logits, targets)
         self._cache = (P, p, emb, drop, blocks, ln_f, h, ce)
-        return logits, loss
+        return logits[..., :V], loss
 
     def backward(self) -> dict:
         """Gradients of the last forward's loss: a dict with the keys and shapes of ``params``.
@@ -372,8 +404,8 @@ class GPT:
         dlogits = F.cross_entropy_backward(scale, ce)                             # (B, T, V)
         del ce   # (with the caller's reference gone, the logits are freed here, not at the end)
         # logits = h @ wte^T: the tied LM head's share of wte's gradient
-        dlogits = dlogits.reshape(-1, dlogits.shape[-1])                          # (N, V)
-        dwte_head = dlogits.T @ h.reshape(-1, C)                                  # (V, C)
+        dlogits = dlogits.reshape(-1, dlogits.shape[-1])                          # (N, Vp)
+        dwte_head = (dlogits.T @ h.reshape(-1, C))[:cfg.vocab_size]               # (V, C)
         dh = (dlogits @ P["wte.weight"]).reshape(h.shape)                         # (B, T, C)
         del dlogits
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = F.layernorm_backward(dh, ln_f)

@@ -446,3 +446,6 @@ template<class... P> constexpr size_t emu_arity(void (*)(P...)) { return sizeof.
         std::snprintf(error, error_size, "%s", e.c_str());                                \
         return e.empty() ? 0 : 1;                                                         \
     }
+
+// the tensor-core primitives (mma.sync, ldmatrix, cp.async) of minigpt2/fast/flash_tc_kernels.py
+#include "cuda_emulator_tc.h"

@@ -107,7 +107,8 @@ def translate(code: str) -> str:
 
 def build(text: str, tag: str) -> ctypes.CDLL:
     """Compile ``text`` (which includes the prelude) into a shared library, cached by hash."""
-    key = hashlib.sha256("\0".join([PRELUDE.read_text(), text, CXX, *FLAGS]).encode())
+    preludes = [p.read_text() for p in sorted(PRELUDE.parent.glob("cuda_emulator*.h"))]
+    key = hashlib.sha256("\0".join([*preludes, text, CXX, *FLAGS]).encode())
     lib = cache_dir() / f"{tag}-{key.hexdigest()[:20]}.so"
     if not lib.exists():
         src = lib.with_suffix(f".{os.getpid()}.cpp")      # kept: g++'s errors point into it

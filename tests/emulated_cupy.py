@@ -19,7 +19,8 @@ import numpy as np
 
 import cuda_emulator
 
-MODULES = ("minigpt2.fast.flash_kernels", "minigpt2.fast.kernels", "minigpt2.fast.gpu_layers")
+MODULES = ("minigpt2.fast.flash_kernels", "minigpt2.fast.flash_tc_kernels", "minigpt2.fast.kernels",
+           "minigpt2.fast.epilogues", "minigpt2.fast.gpu_layers")
 
 
 def _nan_filled(a):

@@ -40,11 +40,12 @@ def add_arguments(p):
                         "mixed precision (minigpt2.bench.train_gpu)")
     p.add_argument("--precisions", help="GPU: comma-separated, of float32, tf32, float16 "
                    "(default all three; tf32 for gpt2-xl)")
-    p.add_argument("--torch-attention", default="sdpa,eager",
+    p.add_argument("--torch-attention", default="sdpa,eager,compile",
                    help="GPU: the PyTorch rows, of sdpa, eager and compile (torch.compile of the "
-                        "sdpa model) (default sdpa,eager)")
-    p.add_argument("--attention", choices=["flash", "stored"], default="flash",
-                   help="GPU: minigpt2's attention, the flash kernels (default) or the stored "
+                        "sdpa model) (default all three)")
+    p.add_argument("--attention", choices=["flash", "flash-tc", "stored"], default="flash",
+                   help="GPU: minigpt2's attention, the flash kernels (default), flash-tc (float16 "
+                        "attention on tensor cores, flash_tc_kernels.py) or the stored "
                         "(B, H, T, T) matrix")
     p.add_argument("--best-batch", action="store_true",
                    help="GPU: also search the batch size that gives minigpt2 the most tokens/s "
@@ -55,6 +56,9 @@ def add_arguments(p):
                         "element-wise, optimizer, the rest)")
     p.add_argument("--recompute", action="store_true",
                    help="GPU: minigpt2 recomputes each block's activations in the backward")
+    p.add_argument("--pad-vocab", type=int, default=1, metavar="N",
+                   help="GPU: minigpt2's LM head over the vocabulary padded to a multiple of N "
+                        "(64 or 128: 50,257 -> 50,304), padded logits masked (default 1: none)")
     p.add_argument("--no-gemm", action="store_true", help="GPU: skip the 8192^3 GEMM timing")
     # internal: the fresh subprocess that measures one framework's peak memory
     p.add_argument("--_memory", choices=["minigpt2", "sdpa", "eager"], help=argparse.SUPPRESS)

@@ -15,10 +15,12 @@ flash attention under autocast float16), ``eager``, and ``compile`` (the sdpa mo
 
 After warm-up each step is timed with CUDA events (the GPU's own clock). MFU is tokens/s times
 FLOPs per token over the card's dense peak for the precision (``PEAK_FLOPS``: NVIDIA's data
-sheets, SXM parts, without sparsity), with FLOPs per token counted two ways, both printed:
+sheets, without sparsity), with FLOPs per token counted two ways, both printed:
 nanoGPT's ``estimate_mfu`` (6 N + 12 L H Q T, N without the position embedding) and llm.c's
 ``gpt2_estimate_mfu`` (6 N + 6 L C T, N every parameter). "of GEMM" divides the step's matrix
-FLOPs (``info``'s count) by an 8192^3 matrix multiply timed in the same precision.
+FLOPs (``info``'s count) by an 8192^3 matrix multiply timed in the same precision. The run
+ends with one line per precision and batch (``summary``): minigpt2's tokens/s, its MFU by
+llm.c's count and its tokens/s over each PyTorch row's (sdpa, eager and compile by default).
 
 ``--best-batch`` doubles B from ``--batch-size`` while minigpt2's tokens/s grows (and memory
 lasts), then runs every row again at the best B. ``--profile`` times minigpt2's step by phase:
@@ -57,23 +59,27 @@ GiB = 1024 ** 3
 PRECISIONS = ("float32", "tf32", "float16")
 FRAMEWORKS = ("minigpt2", "sdpa", "eager", "compile")
 
-# dense peak FLOP/s of known cards (NVIDIA data sheets, SXM parts, no sparsity); the H200 is the
-# H100's chip with more memory: the same rates
+# dense peak FLOP/s of known cards (NVIDIA data sheets, without sparsity), looked up by the first
+# key found in the device's name, so the PCIe part is listed before its SXM sibling; the H200 is
+# the H100's chip with more memory: the same rates. bfloat16 runs at float16's rate on these.
 PEAK_FLOPS = {
-    "H100": {"float32": 67e12, "tf32": 494.7e12, "float16": 989.4e12},
-    "H200": {"float32": 67e12, "tf32": 494.7e12, "float16": 989.4e12},
-    "A100": {"float32": 19.5e12, "tf32": 156e12, "float16": 312e12},
+    "H100 PCIe": {"float32": 51e12, "tf32": 378e12, "float16": 756e12, "bfloat16": 756e12},
+    "H100": {"float32": 67e12, "tf32": 494.7e12, "float16": 989.4e12, "bfloat16": 989.4e12},
+    "H200": {"float32": 67e12, "tf32": 494.7e12, "float16": 989.4e12, "bfloat16": 989.4e12},
+    "A100": {"float32": 19.5e12, "tf32": 156e12, "float16": 312e12, "bfloat16": 312e12},
 }
 
 
-PEAK_FLOPS_SOURCE = ("NVIDIA data sheets, dense: H100/H200 SXM 989 TFLOP/s float16, 494 TF32, "
-                     "67 float32; A100 312, 156, 19.5")
+PEAK_FLOPS_SOURCE = ("NVIDIA data sheets, dense: H100/H200 SXM 989 TFLOP/s float16 and "
+                     "bfloat16, 494 TF32, 67 float32; H100 PCIe 756, 378, 51; A100 312, 156, 19.5")
 
 
 def peak_for(device_name: str, precision: str):
+    """The dense peak FLOP/s of ``device_name`` in ``precision``, or None for a card not in
+    PEAK_FLOPS (its MFU then prints as "?")."""
     for key, peaks in PEAK_FLOPS.items():
         if key in device_name:
-            return peaks[precision]
+            return peaks.get(precision)
     return None
 
 
@@ -188,7 +194,7 @@ def faster_attention(flash_results, stored_results) -> str:
     return "flash" if flash < stored else "stored"
 
 
-def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False):
+def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False, pad_vocab=1):
     """minigpt2's step on the GPU; returns (step, losses, scaler, phase timer or None)."""
     import cupy
 
@@ -196,8 +202,10 @@ def _ours(cfg, B, precision, recompute, memory, attention="flash", profile=False
     from ..model import GPT
     from ..fast.optim import AdamW
     from ..optim import LossScaler, global_norm
-    gpu_layers.GPU_FLASH = attention == "flash"
-    model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute)
+    gpu_layers.GPU_FLASH = attention in ("flash", "flash-tc")
+    gpu_layers.GPU_FLASH_TC = attention == "flash-tc"     # float16, hs 64 and 128 only
+    model = GPT(cfg, seed=0, device="gpu", precision=precision, recompute=recompute,
+                pad_vocab=pad_vocab)
     model.on_block = memory.sample
     opt = AdamW(model.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     scaler = LossScaler() if precision == "float16" else None
@@ -269,7 +277,7 @@ def measure(args, cfg, precision, framework) -> dict:
     timer = None
     if framework == "minigpt2":
         step, losses, scaler, timer = _ours(cfg, B, precision, args.recompute, memory,
-                                            args.attention, args.profile)
+                                            args.attention, args.profile, args.pad_vocab)
         clock_step = cuda_timed
         clock = cupy
         finish = cupy.cuda.Device().synchronize
@@ -319,7 +327,8 @@ def _child(args, cfg, precision, framework) -> dict:
     argv = [sys.executable, "-m", "minigpt2", "bench", "train", "--device", "gpu",
             "--_precision", precision, "--_framework", framework,
             *model_argv(cfg, args.batch_size), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--attention", args.attention]
+            "--warmup", str(args.warmup), "--attention", args.attention,
+            "--pad-vocab", str(args.pad_vocab)]
     if args.profile:
         argv.append("--profile")
     if args.recompute:
@@ -368,6 +377,7 @@ def print_rows(args, cfg, precision, B, rows):
             continue
         median = statistics.median(r["times"])
         peak = peak_for(r["device"], precision)
+        # the same B and T on both sides: tokens/s over tokens/s is one step time over the other
         ratio = "" if r is ours or ours is None else \
             f"{median / statistics.median(ours['times']):.2f}"
         mfu = {k: tokens / median * fpt[f"train_{k}"] / peak if peak else None
@@ -385,8 +395,8 @@ def print_rows(args, cfg, precision, B, rows):
     skipped = f"; skipped steps {ours['skipped_steps']}" if "skipped_steps" in ours else ""
     print(f"  minigpt2 losses on the fixed batch, step by step: {losses}{skipped}")
     from ..fast.flash_kernels import supports
-    flash = args.attention == "flash" and supports(np.float16 if precision == "float16"
-                                                   else np.float32, cfg.n_embd // cfg.n_head)
+    flash = args.attention in ("flash", "flash-tc") and supports(
+        np.float16 if precision == "float16" else np.float32, cfg.n_embd // cfg.n_head)
     est = estimate_memory(cfg, B, T, precision=precision, recompute=args.recompute,
                           tiled_attention=flash)
     used = ours["peak_bytes"]
@@ -400,6 +410,24 @@ def print_rows(args, cfg, precision, B, rows):
         print("  minigpt2 step by phase (CUDA events, median over the steps): "
               + ", ".join(f"{k} {1e3 * v:.1f} ms ({v / step:.0%})"
                           for k, v in ours["phases"].items()))
+
+
+def summary(results) -> list:
+    """One line per precision and batch: minigpt2's tokens/s, its MFU by llm.c's count, and its
+    tokens/s over each PyTorch row's of the same precision and batch (above 1: minigpt2 faster).
+    ``results``: the rows after ``print_rows`` (which adds tokens_per_s, mfu_llmc, batch_size)."""
+    lines = []
+    done = [r for r in results if "tokens_per_s" in r]
+    for ours in (r for r in done if r["framework"] == "minigpt2"):
+        key = (ours["precision"], ours["batch_size"])
+        mfu = "?" if ours["mfu_llmc"] is None else f"{ours['mfu_llmc']:.1%}"
+        theirs = [r for r in done if r["framework"] != "minigpt2"
+                  and (r["precision"], r["batch_size"]) == key]
+        ratios = "".join(f", {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x PyTorch "
+                         f"{r['framework']}" for r in theirs)
+        lines.append(f"  {key[0]} B {key[1]}: {ours['tokens_per_s']:.0f} tokens/s, MFU {mfu} "
+                     f"(llm.c's count){ratios}")
+    return lines
 
 
 def run_gpu(args, cfg) -> int:
@@ -428,7 +456,8 @@ def run_gpu(args, cfg) -> int:
     T = cfg.block_size
     print(f"training step on the GPU: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} "
           f"channels, V = {cfg.vocab_size}, T = {T}, minigpt2 attention: {args.attention}"
-          + (", with --recompute" if args.recompute else ""))
+          + (", with --recompute" if args.recompute else "")
+          + (f", LM head padded to a multiple of {args.pad_vocab}" if args.pad_vocab > 1 else ""))
     header = (f"{'precision':<10}{'B':>4} {'framework':<19}{'tokens/s':>10}{'ms/step':>9}"
               f"{'ratio':>7}{'MFU nGPT':>8}{'MFU llmc':>8}{'of GEMM':>8}{'peak GiB':>9}")
     results, device = [], None
@@ -454,6 +483,7 @@ def run_gpu(args, cfg) -> int:
           "6N + 6 L C T). 'of GEMM': the step's matrix FLOPs against an 8192^3 matrix multiply "
           "in the same precision, timed in minigpt2's process; peak: the device's used memory, "
           "highest over the steps")
+    print("minigpt2 in one line per precision and batch:", *summary(results), sep="\n")
     if args.json:
         print(json.dumps(results))
     return 0

@@ -72,4 +72,24 @@ template<class A> __device__ __forceinline__ A warp_max(A v) {
     for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// LayerNorm of one row of C values by one warp (each lane every 32nd value):
+// o = (x - m) r w + b with m the mean and r = 1 / sqrt(var + eps), both returned. The variance
+// from x - mean: two passes over the row (in cache) rather than E[x^2] - m^2, which cancels
+// badly when |mean| >> std.
+template<class T, class A>
+__device__ __forceinline__ void layernorm_row(const T* xr, const T* w, const T* b, T* o, int C,
+                                              A eps, int lane, A& m, A& r) {
+    A s = 0;
+    for (int c = lane; c < C; c += 32) s += load(xr, c);
+    m = warp_sum(s) / C;
+    A v = 0;
+    for (int c = lane; c < C; c += 32) {
+        A d = load(xr, c) - m;
+        v += d * d;
+    }
+    r = A(1) / sqrt(warp_sum(v) / C + eps);
+    for (int c = lane; c < C; c += 32)
+        store(o, c, (load(xr, c) - m) * r * A(load(w, c)) + A(load(b, c)));
+}
 """

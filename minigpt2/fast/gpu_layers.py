@@ -12,6 +12,8 @@ bench's ``--attention flash``), attention runs the FlashAttention kernels of ``f
 (tiled, linear memory in T, the probabilities recomputed in the backward from one log-sum-exp per
 row) for the head sizes they are compiled for and without attention dropout; otherwise the stored
 (B, H, T, T) form with its softmax in one kernel.
+With ``GPU_FLASH`` and ``GPU_FLASH_TC`` (the bench's ``--attention flash-tc``) float16 attention at
+head sizes 64 and 128 runs on tensor cores (``flash_tc_kernels.py``); off until measured.
 
 ``FLOAT16`` is the set for float16 activations: the same, with the stored attention's batched
 matrix products sent to cuBLAS directly (``cublas_matmul``), which reads the strided heads of qkv
@@ -32,7 +34,7 @@ import math
 import cupy as cp
 import numpy as np
 
-from . import flash_kernels, kernels, layer_set
+from . import flash_kernels, flash_tc_kernels, kernels, layer_set
 from .cpu_attention import qkv_heads
 from .cpu_layers import gelu_backward
 from ..layers import (GELU_A, GELU_K, _merge_heads, _split_heads, attention_step, causal_mask,  # noqa: F401
@@ -46,6 +48,9 @@ MEASURED_FASTER = None
 # True: the flash kernels run the attention where they apply; False: always the stored form. The
 # measured faster one; until a measurement, the stored cuBLAS attention, whose speed is known.
 GPU_FLASH = MEASURED_FASTER == "flash"
+# True (with GPU_FLASH): float16 attention (hs 64, 128) on the tensor-core kernels of
+# flash_tc_kernels.py, forward and backward. Off until they are measured on a GPU: docs/gpu.md
+GPU_FLASH_TC = False
 
 # LayerNorm: one warp per row (kernels.layernorm_forward / layernorm_backward)
 layernorm_forward = kernels.layernorm_forward
@@ -144,10 +149,14 @@ def _flash_or(stored_forward, stored_backward):
     forms elsewhere; the backward follows the forward's choice (the type of its cache)."""
     def forward(qkv, n_head, dropout_p=0.0, rng=None):
         if _flash(qkv, n_head, dropout_p, rng):
+            if GPU_FLASH_TC and flash_tc_kernels.supports(qkv.dtype, qkv.shape[-1] // (3 * n_head)):
+                return flash_tc_kernels.attention_forward(qkv, n_head)
             return flash_kernels.attention_forward(qkv, n_head)
         return stored_forward(qkv, n_head, dropout_p, rng)
 
     def backward(dy, cache):
+        if isinstance(cache, flash_tc_kernels.TensorCoreCache):   # (a FlashCache too)
+            return flash_tc_kernels.attention_backward(dy.astype(np.float16, copy=False), cache)
         if isinstance(cache, flash_kernels.FlashCache):
             return flash_kernels.attention_backward(dy, cache)
         return stored_backward(dy, cache)

@@ -45,19 +45,8 @@ __global__ void layernorm_forward(const T* __restrict__ x, const T* __restrict__
     typedef typename Acc<T>::type A;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
-    const T* xr = x + (long long)row * C;
-    A s = 0;
-    for (int c = lane; c < C; c += 32) s += load(xr, c);
-    A m = warp_sum(s) / C;
-    A v = 0;                                   // the variance from x - mean: two passes over
-    for (int c = lane; c < C; c += 32) {       // the row (in cache) rather than E[x^2] - m^2,
-        A d = load(xr, c) - m;                 // which cancels badly when |mean| >> std
-        v += d * d;
-    }
-    A r = A(1) / sqrt(warp_sum(v) / C + A(eps));
-    T* o = out + (long long)row * C;
-    for (int c = lane; c < C; c += 32)
-        store(o, c, (load(xr, c) - m) * r * A(load(w, c)) + A(load(b, c)));
+    A m, r;
+    layernorm_row(x + (long long)row * C, w, b, out + (long long)row * C, C, A(eps), lane, m, r);
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 
@@ -313,20 +302,20 @@ def layernorm_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------
 # GELU: one elementwise kernel writes gelu(x) and gelu'(x) (cpu_layers.gelu_forward's pair)
 
-_gelu = cp.ElementwiseKernel(
-    "T x", "T y, T d",
-    """
-    typedef typename Acc<T>::type A;
+# y = gelu(xa), d = gelu'(xa) for xa of the accumulation type A (also epilogues.bias_gelu's)
+GELU_PAIR = """
     const A K = 0.7978845608028654, C3 = 0.044715;   // sqrt(2/pi), GPT-2's cubic coefficient
-    A xa = (A)x;
     A x3 = xa * xa * xa;
     A th = tanh(K * (xa + C3 * x3));
     y = (T)(A(0.5) * xa * (A(1) + th));
     // gelu'(x) = 0.5 (1 + th) (1 + (1 - th) x du/dx),  x du/dx = K (x + 3 C3 x^3)
     d = (T)(A(0.5) * (A(1) + th) * (A(1) + (A(1) - th) * K * (xa + A(3) * C3 * x3)));
-    """,
-    "minigpt2_gelu", preamble="template<class T> struct Acc { typedef float type; };\n"
-                              "template<> struct Acc<double> { typedef double type; };")
+"""
+_ACC_PREAMBLE = ("template<class T> struct Acc { typedef float type; };\n"
+                 "template<> struct Acc<double> { typedef double type; };")
+_gelu = cp.ElementwiseKernel(
+    "T x", "T y, T d", "typedef typename Acc<T>::type A;\nA xa = (A)x;" + GELU_PAIR,
+    "minigpt2_gelu", preamble=_ACC_PREAMBLE)
 
 
 def gelu_forward(x):
