@@ -1,7 +1,7 @@
 """Byte-level BPE in its plainest form: the reference that the fast tokenizer is tested equal to.
 
-Read this file to learn BPE; ``Tokenizer`` (tokenizer.py) and the fast trainer (bpe_trainer.py)
-compute the same ids and the same merges with more bookkeeping. Both halves work on *chunks*,
+Read this file to learn BPE; ``Tokenizer`` (tokenizer/bpe_tokenizer.py) and the fast trainer
+(tokenizer/trainer.py) compute the same ids and the same merges with more bookkeeping. Both halves work on *chunks*,
 the pieces GPT-2's pattern cuts the text into (pretokenize.py): merges never cross a chunk.
 
 Training (Sennrich et al. 2016; GPT-2 §2.2): write every chunk as its bytes, count each adjacent

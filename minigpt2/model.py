@@ -23,7 +23,7 @@ from . import layers
 from .backend import array_module, get_xp, resolve_device, resolve_dtype
 from .config import (BLOCK_PARAMS, LAYER_NORM_EPS, GPTConfig, check_finite, check_params,
                      param_shapes)
-from .io.inputs import forward_ids, generation_vocab, token_ids
+from .io.inputs import forward_ids, generation_vocab, padded_vocab_size, token_ids
 
 # How a forward and backward compute (the weights in model.params keep the model's dtype):
 #   "float32"  float32 everywhere; on the GPU, matrix multiplies in full float32 (no TF32)
@@ -226,11 +226,7 @@ class GPT:
         self.recompute = bool(recompute)
         self.loss_scale = 2.0 ** 16 if precision == "float16" else 1.0
         self.on_block = None   # called with no arguments after each block's forward and backward
-        if isinstance(pad_vocab, bool) or not isinstance(pad_vocab, (int, np.integer)) \
-                or pad_vocab < 1:
-            raise ValueError(f"pad_vocab must be an integer >= 1 (64 or 128 for the GPU's matrix "
-                             f"tiles; 1 is no padding), got {pad_vocab!r}")
-        self.padded_vocab_size = -(-cfg.vocab_size // int(pad_vocab)) * int(pad_vocab)
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, pad_vocab)
         if params is None:
             host = init_params(cfg, seed, self.dtype)
         else:   # names, shapes and dtypes as the config lays them out; then no NaN or inf

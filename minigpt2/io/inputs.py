@@ -101,3 +101,12 @@ def generation_vocab(max_new_tokens, temperature, top_k, top_p, vocab_size,
     if top_k is not None and top_k > V:
         raise ValueError(f"top_k = {top_k} exceeds the vocabulary size {V}")
     return V
+
+
+def padded_vocab_size(V: int, pad_vocab) -> int:
+    """V rounded up to a multiple of ``pad_vocab`` (GPT(..., pad_vocab=64): 50,257 -> 50,304)."""
+    if isinstance(pad_vocab, bool) or not isinstance(pad_vocab, (int, np.integer)) \
+            or pad_vocab < 1:
+        raise ValueError(f"pad_vocab must be an integer >= 1 (64 or 128 for the GPU's matrix "
+                         f"tiles; 1 is no padding), got {pad_vocab!r}")
+    return -(-V // int(pad_vocab)) * int(pad_vocab)

@@ -436,7 +436,7 @@ def load_model_folder(directory, device="cpu", dtype="float32"):
     tokens to 50,304): generate with ``vocab_size=`` the tokenizer's so that every id drawn
     decodes. The weights are checked on the way in (``hf.load_pretrained``: names, shapes, one
     floating-point dtype, no NaN or inf). It lives here, beside the run-folder layout it reads (best/, the tokenizer files next
-    to the model), which the Hugging Face format alone (hf.py) does not know.
+    to the model), which the Hugging Face format alone (io/hf.py) does not know.
     """
     folder, _ = resolve_model_dir(directory)
     tokenizer = data.load_tokenizer(folder, if_missing="gpt2")
