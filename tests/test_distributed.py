@@ -20,7 +20,6 @@ from safetensors.numpy import load_file
 from minigpt2.training import checkpoint
 from minigpt2.training import distributed
 from minigpt2.training.data_parallel import DataParallel
-from minigpt2.commands import main
 from minigpt2.commands.train import config_from_args
 
 HERE = Path(__file__).parent

@@ -14,7 +14,6 @@ from ..backend import array_module, to_numpy
 EOT = "<|endoftext|>"
 
 
-
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode_array(text).tolist()
 

@@ -87,6 +87,7 @@ def tokenizer_name(tok) -> str:
     """How meta.json and manifests name a tokenizer: "gpt2" for GPT-2's, else its kind."""
     return "gpt2" if is_gpt2(tok) else tok.kind
 
+
 def default_prompt(tokenizer) -> str:
     """Where a sample starts when no prompt is given: a newline (a new speech, for the plays)
     for character models; GPT-2's document separator for BPE."""

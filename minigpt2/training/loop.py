@@ -44,6 +44,7 @@ from .data_parallel import DataParallel
 from .distributed import Processes, on_every_process
 from ..model import GPT
 from ..optim import AdamW, LossScaler
+from ..tokenizer.load import default_prompt, encode_prompt
 from .run_folder import (RunFolder, StopFlag, check_out, check_same_data, restore,
                          tokens_digest)
 from .settings import Session, TrainConfig
@@ -354,7 +355,6 @@ def sample_text(model, tokenizer, n_tokens, prompt=None, temperature=0.8, top_k=
                 top_p=None, seed=None) -> str:
     """``n_tokens`` generated after ``prompt`` (default: a newline for character models,
     <|endoftext|> for BPE), decoded to text, prompt included."""
-    from ..tokenizer.load import default_prompt, encode_prompt
     prompt = default_prompt(tokenizer) if prompt is None else prompt
     ids = encode_prompt(tokenizer, prompt)
     model.eval()
